@@ -1,0 +1,3 @@
+from wg_autopeer.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,80 @@
+"""Wire models of ``/peering-request``, shared by agent and server.
+
+Compatible with wireguard-web: a request is a JSON list (one object also
+accepted) of ``{"pubkey", "ip", "netmask", "gateway"}`` entries, one per address
+of the client's default-route interface(s). ``listen_port`` is this project's
+optional addition. The answer is ``{"peers": [{"pubkey", "endpoint", "port", "ip"}]}``.
+"""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv6Address, ip_interface
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from wg_autopeer.wireguard.base import IPNetwork, is_valid_key
+
+PATH = "/peering-request"
+MAX_ENTRIES = 64
+MAX_BODY_BYTES = 64 * 1024
+DEFAULT_WAIT_SECONDS = 25
+MAX_WAIT_SECONDS = 60
+
+
+class LanEntry(BaseModel):
+    """One address of the client's LAN (default-route) interface."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    pubkey: str = Field(description="base64 public key of the client's tunnel interface")
+    ip: IPv4Address | IPv6Address = Field(description="the client's address on its LAN")
+    netmask: int = Field(ge=0, le=128, description="prefix length of that address")
+    gateway: IPv4Address | IPv6Address = Field(description="the LAN's default gateway")
+    listen_port: int | None = Field(
+        default=None, ge=1, le=65535, description="the client's own WireGuard listen port"
+    )
+
+    @field_validator("pubkey")
+    @classmethod
+    def _key_is_wireguard_key(cls, value: str) -> str:
+        if not is_valid_key(value):
+            raise ValueError("pubkey must be base64 of 32 bytes")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent_family(self) -> LanEntry:
+        if self.ip.version != self.gateway.version:
+            raise ValueError("ip and gateway must be of the same address family")
+        if self.netmask > self.ip.max_prefixlen:
+            raise ValueError(f"netmask {self.netmask} is too long for IPv{self.ip.version}")
+        return self
+
+    @property
+    def network(self) -> IPNetwork:
+        """The LAN: the address masked by its prefix."""
+        return ip_interface(f"{self.ip}/{self.netmask}").network
+
+
+class PeerOffer(BaseModel):
+    """One LAN neighbour, as the server names it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    pubkey: str
+    endpoint: str | None = Field(default=None, description="the neighbour's LAN address")
+    port: int | None = Field(default=None, description="the neighbour's WireGuard listen port")
+    ip: list[str] = Field(default_factory=list, description="the neighbour's tunnel addresses")
+
+
+class PeeringAnswer(BaseModel):
+    """The 200 answer to a peering request."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    peers: list[PeerOffer]
+
+
+class ErrorBody(BaseModel):
+    """Every error answer."""
+
+    error: str
