@@ -109,7 +109,7 @@ class WireGuardControl(abc.ABC):
 
     @abc.abstractmethod
     async def set_peer(self, interface: str, peer: PeerConfig) -> None:
-        """Add ``peer`` or update it in place; its allowed IPs become exactly ``peer.allowed_ips``."""
+        """Add ``peer`` or update it in place; its allowed IPs become ``peer.allowed_ips``."""
 
     @abc.abstractmethod
     async def remove_peer(self, interface: str, public_key: str) -> None:
