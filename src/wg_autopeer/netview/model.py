@@ -17,6 +17,9 @@ IPInterface = IPv4Interface | IPv6Interface
 
 @dataclass(frozen=True, order=True)
 class Link:
+    """A network interface. ``up`` means administratively up and operationally up (or
+    UNKNOWN, which carrier-less drivers like tun report while working)."""
+
     index: int
     name: str
     up: bool

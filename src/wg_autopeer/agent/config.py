@@ -1,0 +1,129 @@
+"""Agent configuration: one TOML file, every key also a command-line flag (flags win)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wg_autopeer.errors import ConfigError
+
+DEFAULT_CONFIG = Path("/etc/wg-autopeer/agent.toml")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything the agent can be told. Field names are the TOML keys."""
+
+    # WireGuard interfaces to manage; empty means every interface of this namespace with a key.
+    interfaces: tuple[str, ...] = ()
+    # Coordination server; None means http://<first host of the tunnel network>/peering-request.
+    server: str | None = None
+    state_dir: Path = Path("/var/lib/wg-autopeer")
+    runtime_dir: Path = Path("/run/wg-autopeer")
+    interval: float = 30.0
+    tray: bool = True
+    # How long the server may hold a blocking query.
+    wait: int = 25
+    persistent_keepalive: int = 25
+    handshake_timeout: float = 10.0
+    handshake_stale_after: float = 180.0
+    uapi_dir: Path = Path("/var/run/wireguard")
+
+
+_KEY_FORMS: dict[str, str] = {
+    "interfaces": 'a list of interface names, e.g. ["wg0"]',
+    "server": 'a URL, e.g. "http://10.99.0.1/peering-request"',
+    "state_dir": "a directory path",
+    "runtime_dir": "a directory path",
+    "interval": "a number of seconds between 5 and 86400",
+    "tray": "true or false",
+    "wait": "whole seconds between 1 and 60",
+    "persistent_keepalive": "whole seconds between 1 and 65535",
+    "handshake_timeout": "a number of seconds between 1 and 600",
+    "handshake_stale_after": "a number of seconds between 30 and 3600",
+    "uapi_dir": "a directory path",
+}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    form = _KEY_FORMS[key]
+    bad = ConfigError(key, f"expected {form}, got {value!r}")
+    if key == "interfaces":
+        if not isinstance(value, list) or not all(
+            isinstance(v, str) and 0 < len(v) <= 15 for v in value
+        ):
+            raise bad
+        return tuple(value)
+    if key == "server":
+        if not isinstance(value, str) or not value.startswith(("http://", "https://")):
+            raise bad
+        return value
+    if key in ("state_dir", "runtime_dir", "uapi_dir"):
+        if not isinstance(value, str) or not value:
+            raise bad
+        return Path(value)
+    if key == "tray":
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    limits = {
+        "interval": (5, 86400),
+        "wait": (1, 60),
+        "persistent_keepalive": (1, 65535),
+        "handshake_timeout": (1, 600),
+        "handshake_stale_after": (30, 3600),
+    }
+    low, high = limits[key]
+    whole = key in ("wait", "persistent_keepalive")
+    if isinstance(value, bool) or not isinstance(value, int | float) or (whole and value % 1):
+        raise bad
+    if not low <= value <= high:
+        raise bad
+    return int(value) if whole else float(value)
+
+
+def load_agent_config(
+    path: Path | None, overrides: dict[str, Any] | None = None, *, required: bool = False
+) -> AgentConfig:
+    """Read ``path`` (TOML, a missing default file is fine) and apply ``overrides`` on top.
+
+    Raises ConfigError naming the first unknown key or bad value.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with path.open("rb") as fh:
+                raw = tomllib.load(fh)
+        except FileNotFoundError:
+            if required:
+                raise ConfigError("--config", f"{path}: no such file") from None
+            raw = {}
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("(file)", f"{path} is not valid TOML: {exc}") from exc
+        except OSError as exc:
+            raise ConfigError("(file)", f"{path}: {exc.strerror}") from exc
+        for key, value in raw.items():
+            if key not in _KEY_FORMS:
+                known = ", ".join(sorted(_KEY_FORMS))
+                raise ConfigError(key, f"unknown key in {path} (known keys: {known})")
+            values[key] = _coerce(key, value)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = _coerce(key, value)
+    return dataclasses.replace(AgentConfig(), **values)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The command-line flags the user actually gave, as config keys."""
+    return {
+        "interfaces": list(args.interface) if args.interface else None,
+        "server": args.server,
+        "state_dir": args.state_dir,
+        "runtime_dir": args.runtime_dir,
+        "interval": args.interval,
+        "tray": False if args.no_tray else None,
+    }

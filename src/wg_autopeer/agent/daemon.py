@@ -1,0 +1,578 @@
+"""The agent's I/O shell: watch the network, report to the hub, apply what is safe.
+
+One ``InterfaceWorker`` per WireGuard interface runs the report loop; the
+``Agent`` owns them, the network watcher, the health checker and shutdown.
+Decisions are made by the pure core (``safety.filter_offers``,
+``reconcile.plan``, ``health.judge``); this module only gathers their inputs
+and carries out their outputs.
+
+Every failure path leaves the hub peer alone: a server that cannot be reached
+keeps the direct peers that still handshake, an answer that cannot be trusted
+changes nothing, and losing the default gateway drops every direct peer without
+asking anyone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from ipaddress import ip_address
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from wg_autopeer.agent.backoff import Backoff
+from wg_autopeer.agent.client import PeeringClient, default_server_url
+from wg_autopeer.agent.config import AgentConfig
+from wg_autopeer.agent.health import Suppressions, judge
+from wg_autopeer.agent.ledger import InterfaceLedger, LedgerStore
+from wg_autopeer.agent.localapi import STATUS_VERSION, as_jsonable
+from wg_autopeer.agent.reconcile import Plan, apply, plan, removal_plan
+from wg_autopeer.agent.safety import DirectPeer, SafetyContext, filter_offers
+from wg_autopeer.errors import (
+    NoSuchInterface,
+    ServerError,
+    UnsafeAnswer,
+    WgAutopeerError,
+    WireGuardError,
+)
+from wg_autopeer.netview.base import NetView
+from wg_autopeer.netview.model import IPInterface, LanUplink, NetSnapshot
+from wg_autopeer.protocol import LanEntry
+from wg_autopeer.wireguard.base import DeviceState, IPAddress, IPNetwork, WireGuardControl
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# A server that answers at once every time must not make us spin.
+MIN_REQUEST_SPACING = 1.0
+HEALTH_TICK = 1.0
+
+
+@dataclass
+class DirectPeerStatus:
+    public_key: str
+    endpoint: str
+    allowed_ips: list[str]
+    handshake_age: float | None
+    rx_bytes: int
+    tx_bytes: int
+    health: str
+
+
+@dataclass
+class InterfaceStatus:
+    """What ``wg-autopeer status`` shows for one WireGuard interface."""
+
+    interface: str
+    server: str | None = None
+    last_contact: float | None = None
+    last_outcome: str = "not contacted yet"
+    blocking: bool = False
+    lan: list[str] = field(default_factory=list)
+    direct_peers: list[DirectPeerStatus] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Tunnel:
+    """This interface's place in the VPN, worked out from its addresses and peers."""
+
+    addresses: tuple[IPInterface, ...]
+    server_url: str
+    hub_key: str
+
+    @property
+    def networks(self) -> tuple[IPNetwork, ...]:
+        return tuple(a.network for a in self.addresses)
+
+
+class InterfaceWorker:
+    """The report-and-apply loop of one WireGuard interface."""
+
+    def __init__(self, agent: Agent, interface: str) -> None:
+        self.agent = agent
+        self.interface = interface
+        self.wake = asyncio.Event()
+        self.status = InterfaceStatus(interface)
+        self.accepted: tuple[DirectPeer, ...] = ()
+        self.suppressions = Suppressions()
+        self._refused_logged: set[tuple[str, str]] = set()
+        self._etag: str | None = None
+        self._etag_for: tuple[LanEntry, ...] = ()
+        self._client: PeeringClient | None = None
+        self._closing: set[asyncio.Future[None]] = set()
+        self._backoff = Backoff(base=1.0, cap=60.0)
+
+    # -- inputs -----------------------------------------------------------------
+
+    def _tunnel(self, device: DeviceState, snapshot: NetSnapshot) -> Tunnel | None:
+        addresses = tuple(a.interface for a in snapshot.addresses if a.ifname == self.interface)
+        if not addresses:
+            self._set_outcome("the interface has no tunnel address")
+            return None
+        url = self.agent.config.server or default_server_url(addresses[0].network)
+        hub_key = self._find_hub(device, url)
+        if hub_key is None:
+            self._set_outcome("no hub peer found (no peer routes the server's address)")
+            return None
+        return Tunnel(addresses, url, hub_key)
+
+    def _find_hub(self, device: DeviceState, url: str) -> str | None:
+        """The hub is the peer (not one of ours) that routes the server's address."""
+        ledger = self.agent.ledger_store.load().interface(self.interface)
+        foreign = [p for p in device.peers if p.public_key not in ledger]
+        host = urlsplit(url).hostname or ""
+        try:
+            server = ip_address(host)
+        except ValueError:
+            return foreign[0].public_key if len(foreign) == 1 else None
+        best: tuple[int, str] | None = None
+        for peer in foreign:
+            for net in peer.allowed_ips:
+                covers = server.version == net.version and server in net
+                if covers and (best is None or net.prefixlen > best[0]):
+                    best = (net.prefixlen, peer.public_key)
+        return best[1] if best else None
+
+    def _entries(self, device: DeviceState, uplinks: tuple[LanUplink, ...]) -> tuple[LanEntry, ...]:
+        assert device.public_key is not None  # checked by the caller
+        return tuple(
+            LanEntry(
+                pubkey=device.public_key,
+                ip=u.address.ip,
+                netmask=u.address.network.prefixlen,
+                gateway=u.gateway,
+                listen_port=device.listen_port,
+            )
+            for u in uplinks
+        )
+
+    def _context(
+        self, device: DeviceState, tunnel: Tunnel, uplinks: tuple[LanUplink, ...]
+    ) -> SafetyContext:
+        assert device.public_key is not None
+        ledger = self.agent.ledger_store.load().interface(self.interface)
+        server_host = urlsplit(tunnel.server_url).hostname or ""
+        hub_ips: list[IPAddress] = []
+        with contextlib.suppress(ValueError):
+            hub_ips.append(ip_address(server_host))
+        for net in tunnel.networks:
+            first = next(iter(net.hosts()), None)
+            if first is not None and first not in hub_ips:
+                hub_ips.append(ip_address(str(first)))
+        return SafetyContext(
+            own_key=device.public_key,
+            hub_key=tunnel.hub_key,
+            tunnel_networks=tunnel.networks,
+            own_tunnel_ips=tuple(a.ip for a in tunnel.addresses),
+            hub_tunnel_ips=tuple(hub_ips),
+            lan_networks=tuple(u.address.network for u in uplinks),
+            foreign_peers={
+                p.public_key: p.allowed_ips for p in device.peers if p.public_key not in ledger
+            },
+            own_lan_ips=tuple(u.address.ip for u in uplinks),
+        )
+
+    # -- the loop ---------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            while True:
+                self.wake.clear()
+                delay = await self._cycle()
+                if delay is None:
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self.wake.wait()
+        except NoSuchInterface as exc:
+            log.warning("%s: interface went away (%s); worker stops", self.interface, exc.reason)
+        finally:
+            if self._client is not None:
+                await self._client.aclose()
+                self._client = None
+
+    async def _cycle(self) -> float | None:
+        """One report and apply. Returns how long to wait for a wake-up before the
+        next one, or None to go again at once (a blocking query just returned)."""
+        agent = self.agent
+        snapshot = agent.snapshot
+        uplinks = snapshot.lan_uplinks()
+        if not agent.enabled or not uplinks:
+            await self.withdraw("paused" if not agent.enabled else "no default gateway")
+            self.status.lan = []
+            return None if self.wake.is_set() else agent.config.interval
+        self.status.lan = [f"{u.ifname} {u.address} via {u.gateway}" for u in uplinks]
+        device = await agent.control.get_device(self.interface)
+        if device.public_key is None:
+            self._set_outcome("the interface has no key")
+            return agent.config.interval
+        tunnel = self._tunnel(device, snapshot)
+        if tunnel is None:
+            return agent.config.interval
+        self.status.server = tunnel.server_url
+        entries = self._entries(device, uplinks)
+        client = self._client_for(tunnel)
+        blocking = self._etag is not None and entries == self._etag_for
+        started = time.monotonic()
+        try:
+            result = await self._race(
+                client.report(
+                    tunnel.server_url,
+                    entries,
+                    etag=self._etag if blocking else None,
+                    wait=agent.config.wait if blocking else None,
+                )
+            )
+        except ServerError as exc:
+            # Keep the direct peers that still handshake; the health checker judges them.
+            self._set_outcome(f"server unreachable: {exc.reason}", contact=False)
+            log.warning("%s: %s", self.interface, exc)
+            self._etag = None
+            return self._backoff.next_delay() if exc.retryable else agent.config.interval
+        except UnsafeAnswer as exc:
+            self._set_outcome(f"answer refused: {exc}")
+            log.warning("%s: answer refused whole: %s", self.interface, exc)
+            self._etag = None
+            return agent.config.interval
+        if result is None:  # woken by a trigger: report again with fresh inputs
+            return None
+        self._backoff.reset()
+        self.status.blocking = result.blocking_supported
+        if result.not_modified:
+            self._set_outcome("no change")
+        else:
+            assert result.answer is not None
+            filtered = filter_offers(result.answer.peers, self._context(device, tunnel, uplinks))
+            for refusal in filtered.refused:
+                self._log_refusal_once(refusal.pubkey, refusal.reason)
+            self.accepted = filtered.accepted
+            await self.reconcile(tunnel.hub_key)
+            self._set_outcome(
+                f"ok: {len(filtered.accepted)} neighbour(s), {len(filtered.refused)} refused"
+            )
+        if result.blocking_supported and result.etag:
+            self._etag, self._etag_for = result.etag, entries
+            spent = time.monotonic() - started
+            return None if spent >= MIN_REQUEST_SPACING else MIN_REQUEST_SPACING - spent
+        self._etag = None
+        return agent.config.interval
+
+    async def _race(self, request: Coroutine[Any, Any, T]) -> T | None:
+        """Run the request until it finishes or a trigger wakes this worker."""
+        task = asyncio.ensure_future(request)
+        waker = asyncio.ensure_future(self.wake.wait())
+        try:
+            done, _ = await asyncio.wait({task, waker}, return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                return task.result()
+            return None
+        finally:
+            for pending in (task, waker):
+                if not pending.done():
+                    pending.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await pending
+
+    def _client_for(self, tunnel: Tunnel) -> PeeringClient:
+        host = urlsplit(tunnel.server_url).hostname or ""
+        try:
+            family = ip_address(host).version
+        except ValueError:
+            family = 4
+        local = next((str(a.ip) for a in tunnel.addresses if a.version == family), None)
+        if self._client is None or self._client.local_address != local:
+            if self._client is not None:
+                self._closing.add(asyncio.ensure_future(self._client.aclose()))
+            self._client = PeeringClient(local)
+        return self._client
+
+    def _set_outcome(self, outcome: str, *, contact: bool = True) -> None:
+        self.status.last_outcome = outcome
+        if contact:
+            self.status.last_contact = time.time()
+
+    def _log_refusal_once(self, pubkey: str, reason: str) -> None:
+        if (pubkey, reason) not in self._refused_logged:
+            self._refused_logged.add((pubkey, reason))
+            log.warning("%s: refused peer %.10s…: %s", self.interface, pubkey, reason)
+
+    # -- applying ---------------------------------------------------------------
+
+    async def reconcile(self, hub_key: str) -> None:
+        """Make the device hold exactly the accepted, unsuppressed direct peers."""
+        desired = [p for p in self.accepted if not self.suppressions.is_suppressed(p.public_key)]
+        await self._apply(
+            lambda device, ledger: plan(
+                desired, device, ledger, hub_key, self.agent.config.persistent_keepalive
+            )
+        )
+
+    async def withdraw(self, why: str) -> None:
+        """Remove every direct peer this agent added here, giving routes back to the hub."""
+        self.accepted = ()
+        self._etag = None
+        ledger = self.agent.ledger_store.load().interface(self.interface)
+        if not len(ledger):
+            return
+        device = await self.agent.control.get_device(self.interface)
+        hub_key = self._hub_key_for_removal(device)
+        log.info("%s: removing %d direct peer(s): %s", self.interface, len(ledger), why)
+        await self._apply(lambda device, ledger: removal_plan(device, ledger, hub_key))
+
+    def _hub_key_for_removal(self, device: DeviceState) -> str:
+        url = self.agent.config.server
+        if url is None:
+            addresses = [
+                a.interface for a in self.agent.snapshot.addresses if a.ifname == self.interface
+            ]
+            url = default_server_url(addresses[0].network) if addresses else ""
+        return self._find_hub(device, url) or ""
+
+    async def _apply(self, make_plan: Callable[[DeviceState, InterfaceLedger], Plan]) -> None:
+        async with self.agent.apply_lock:
+            device = await self.agent.control.get_device(self.interface)
+            ledger = self.agent.ledger_store.load().interface(self.interface)
+            the_plan = make_plan(device, ledger)
+            for skipped in the_plan.skipped:
+                self._log_refusal_once(skipped.pubkey, skipped.reason)
+            if the_plan.empty:
+                return
+            for op in the_plan.operations:
+                log.info("%s: %s", self.interface, op)
+            await apply(the_plan, self.agent.control, self.interface, self.agent.ledger_store)
+            self.agent.writes += len(the_plan.operations)
+
+    async def check_health(self) -> None:
+        """Drop direct peers that do not handshake; they fall back to the hub."""
+        ledger = self.agent.ledger_store.load().interface(self.interface)
+        if not len(ledger):
+            self.status.direct_peers = []
+            return
+        device = await self.agent.control.get_device(self.interface)
+        now = time.time()
+        failed: list[str] = []
+        peers: list[DirectPeerStatus] = []
+        for entry in ledger:
+            state = device.peer(entry.public_key)
+            verdict = judge(
+                state,
+                entry.added_at,
+                now,
+                handshake_timeout=self.agent.config.handshake_timeout,
+                stale_after=self.agent.config.handshake_stale_after,
+            )
+            if verdict.failed:
+                period = self.suppressions.record_failure(entry.public_key)
+                log.warning(
+                    "%s: direct peer %.10s… at %s failed: %s; back to the hub for %.0f s",
+                    self.interface,
+                    entry.public_key,
+                    entry.endpoint,
+                    verdict.reason,
+                    period,
+                )
+                failed.append(entry.public_key)
+            elif verdict.state.value == "healthy":
+                self.suppressions.record_healthy(entry.public_key)
+            handshake = state.latest_handshake if state else None
+            peers.append(
+                DirectPeerStatus(
+                    public_key=entry.public_key,
+                    endpoint=str(entry.endpoint),
+                    allowed_ips=[str(ip) for ip in entry.allowed_ips],
+                    handshake_age=round(now - handshake, 1) if handshake else None,
+                    rx_bytes=state.rx_bytes if state else 0,
+                    tx_bytes=state.tx_bytes if state else 0,
+                    health=verdict.state.value,
+                )
+            )
+        self.status.direct_peers = peers
+        hub_key = self._hub_key_for_removal(device)
+        if failed or self.accepted:
+            # Also re-adds peers whose suppression ran out; a no-op plan writes nothing.
+            await self.reconcile(hub_key)
+
+
+class Agent:
+    """Owns the workers, the network watcher, the health checker and shutdown."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        control: WireGuardControl,
+        netview: NetView,
+    ) -> None:
+        self.config = config
+        self.control = control
+        self.netview = netview
+        self.ledger_store = LedgerStore(Path(config.state_dir) / "ledger.json")
+        self.snapshot = NetSnapshot()
+        self.workers: dict[str, InterfaceWorker] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.apply_lock = asyncio.Lock()
+        self.enabled = True
+        self.stopping = asyncio.Event()
+        self.writes = 0
+        self.started_at = time.time()
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Start, serve until a stop is asked for, then shut down cleanly."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self.resync("SIGHUP"))
+        self.snapshot = await self.netview.snapshot()
+        await self.recover()
+        await self.sync_workers()
+        background = [
+            asyncio.create_task(self._watch_network(), name="netview"),
+            asyncio.create_task(self._health_loop(), name="health"),
+        ]
+        try:
+            await self.stopping.wait()
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            await self.shutdown()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+
+    def stop(self) -> None:
+        log.info("stopping")
+        self.stopping.set()
+
+    def resync(self, why: str) -> None:
+        log.info("re-sync: %s", why)
+        for worker in self.workers.values():
+            worker.wake.set()
+
+    async def set_enabled(self, enabled: bool) -> None:
+        if enabled == self.enabled:
+            return
+        self.enabled = enabled
+        log.info("direct peering %s", "enabled" if enabled else "paused")
+        if not enabled:
+            await self._leave_all()
+        self.resync("enabled" if enabled else "paused")
+
+    async def recover(self) -> None:
+        """Remove what a previous run left behind (crash, kill -9) before starting."""
+        ledger = self.ledger_store.load()
+        for interface in list(ledger.interfaces):
+            worker = InterfaceWorker(self, interface)
+            try:
+                await worker.withdraw("left over from a previous run")
+            except NoSuchInterface:
+                # The device is gone, and its peers with it.
+                self.ledger_store.update_interface(interface, type(ledger.interface(interface))())
+            except WireGuardError as exc:
+                log.error("%s: could not remove leftovers: %s", interface, exc)
+
+    async def sync_workers(self) -> None:
+        """One worker per managed WireGuard interface that exists and has a key."""
+        try:
+            present = await self.control.list_interfaces()
+        except WireGuardError as exc:
+            log.error("cannot list WireGuard interfaces: %s", exc)
+            present = []
+        wanted = [i for i in present if not self.config.interfaces or i in self.config.interfaces]
+        for name in wanted:
+            if name in self._tasks and not self._tasks[name].done():
+                continue
+            worker = InterfaceWorker(self, name)
+            self.workers[name] = worker
+            self._tasks[name] = asyncio.create_task(self._run_worker(worker), name=f"worker-{name}")
+            log.info("managing WireGuard interface %s", name)
+        for name in list(self._tasks):
+            if name not in wanted:
+                self._tasks.pop(name).cancel()
+                self.workers.pop(name, None)
+
+    async def _run_worker(self, worker: InterfaceWorker) -> None:
+        backoff = Backoff(base=1.0, cap=30.0)
+        while True:
+            try:
+                await worker.run()
+                return
+            except WgAutopeerError as exc:
+                delay = backoff.next_delay()
+                log.error("%s: %s; retrying in %.1f s", worker.interface, exc, delay)
+                await asyncio.sleep(delay)
+
+    async def _watch_network(self) -> None:
+        async for change in self.netview.changes():
+            self.snapshot = change.after
+            log.info("network change: %s", "; ".join(change.reasons))
+            await self.sync_workers()
+            if not change.after.lan_uplinks():
+                # No gateway: drop direct peers at once, without contacting anyone.
+                for worker in list(self.workers.values()):
+                    try:
+                        await worker.withdraw("no default gateway")
+                    except WireGuardError as exc:
+                        log.error("%s: %s", worker.interface, exc)
+            self.resync("network change")
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(HEALTH_TICK)
+            for worker in list(self.workers.values()):
+                if not self.enabled or not self.snapshot.lan_uplinks():
+                    continue
+                try:
+                    await worker.check_health()
+                except WireGuardError as exc:
+                    log.debug("%s: health check failed: %s", worker.interface, exc)
+
+    async def _leave_all(self) -> None:
+        """Tell the server we go, so neighbours drop us within a second."""
+        leaving = []
+        for worker in self.workers.values():
+            if worker._client is not None and worker.status.server:
+                leaving.append(worker._client.leave(worker.status.server))
+        await asyncio.gather(*leaving)
+
+    async def shutdown(self) -> None:
+        """Leave, remove every direct peer we added, give routes back to the hub."""
+        await self._leave_all()
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        for worker in self.workers.values():
+            try:
+                await worker.withdraw("shutting down")
+            except WireGuardError as exc:
+                log.error("%s: could not remove direct peers: %s", worker.interface, exc)
+        log.info("stopped")
+
+    def statuses(self) -> list[InterfaceStatus]:
+        return [w.status for w in self.workers.values()]
+
+    async def handle_command(self, command: str) -> dict[str, Any]:
+        """The local control channel's commands (status, sync, enable, disable, quit)."""
+        if command == "status":
+            return {
+                "ok": True,
+                "version": STATUS_VERSION,
+                "enabled": self.enabled,
+                "started_at": self.started_at,
+                "interfaces": as_jsonable(self.statuses()),
+            }
+        if command == "sync":
+            self.resync("requested over the control socket")
+        elif command in ("enable", "disable"):
+            await self.set_enabled(command == "enable")
+        elif command == "quit":
+            self.stop()
+        else:
+            return {"ok": False, "error": f"unknown command {command!r}"}
+        return {"ok": True}
