@@ -1,15 +1,195 @@
-"""The ``wg-autopeer server`` subcommand."""
+"""The ``wg-autopeer server`` subcommand: config, sockets on the tunnel addresses, uvicorn."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Iterator
+from ipaddress import IPv6Address, ip_address
+from pathlib import Path
+from types import FrameType
 from typing import Any
+
+from wg_autopeer.errors import ConfigError, WgAutopeerError
+from wg_autopeer.server.config import (
+    DEFAULT_CONFIG_PATH,
+    DEFAULT_PORT,
+    ListenAddress,
+    ServerConfig,
+    load_config,
+    parse_listen,
+)
+
+log = logging.getLogger(__name__)
+
+# Blocking queries hold connections up to 60 s; on shutdown give them this long, then cut.
+GRACEFUL_SHUTDOWN_S = 2
 
 
 def add_parser(sub: Any) -> None:
-    parser: argparse.ArgumentParser = sub.add_parser("server", help="server (not built yet)")
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "server",
+        help="run the coordination server on the hub",
+        description="Answer hub clients which other clients share their LAN.",
+    )
+    parser.add_argument("--interface", metavar="WG", help="the hub's WireGuard interface")
+    parser.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        action="append",
+        help=f"address to serve on (repeatable; default: every address of WG, port {DEFAULT_PORT})",
+    )
+    parser.add_argument("--db", metavar="PATH", help="SQLite file, or :memory:")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        type=Path,
+        help=f"TOML configuration (default: {DEFAULT_CONFIG_PATH} when it exists)",
+    )
     parser.set_defaults(run=run)
 
 
+def resolve_config(args: argparse.Namespace) -> ServerConfig:
+    """The file's configuration with the command-line flags on top."""
+    config = load_config(args.config)
+    changes: dict[str, Any] = {}
+    if args.interface:
+        changes["interface"] = args.interface
+    if args.listen:
+        changes["listen"] = tuple(parse_listen(text, key="--listen") for text in args.listen)
+    if args.db:
+        changes["db"] = args.db
+    config = config.replace(**changes)
+    if not config.interface:
+        raise ConfigError("interface", 'required: --interface WG or interface = "WG"')
+    return config
+
+
+def interface_addresses(interface: str) -> list[ListenAddress]:
+    """Every address of ``interface`` (link-local IPv6 left out), port 80."""
+    from pyroute2 import IPRoute
+
+    try:
+        with IPRoute() as ipr:
+            indexes = ipr.link_lookup(ifname=interface)
+            if not indexes:
+                raise ConfigError("interface", f"no interface named {interface!r}")
+            found = []
+            for msg in ipr.get_addr(index=indexes[0]):
+                text = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+                address = ip_address(text)
+                if isinstance(address, IPv6Address) and address.is_link_local:
+                    continue
+                found.append(ListenAddress(address, DEFAULT_PORT))
+    except OSError as exc:
+        raise ConfigError("interface", f"cannot read addresses of {interface}: {exc}") from exc
+    if not found:
+        raise ConfigError("listen", f"{interface} has no address to listen on; give --listen")
+    return found
+
+
+def open_socket(listen: ListenAddress) -> socket.socket:
+    family = socket.AF_INET6 if listen.host.version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((str(listen.host), listen.port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError("listen", f"cannot bind {listen}: {exc}") from exc
+    return sock
+
+
+class StopSignal:
+    """SIGTERM/SIGINT for the whole life of the process, before and during uvicorn.
+
+    uvicorn installs its own handlers only once it runs and re-raises the signal after
+    shutting down (the process would then die of it); here a signal that comes early
+    still stops the server, and a clean stop exits with status 0.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.server: Any = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, sig: int, frame: FrameType | None) -> None:
+        self.requested = True
+        if self.server is not None:
+            self.server.handle_exit(sig, frame)
+
+    def attach(self, server: Any) -> None:
+        self.server = server
+        if self.requested:
+            server.should_exit = True
+
+
+async def serve(config: ServerConfig, sockets: list[socket.socket], stop: StopSignal) -> None:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # StopSignal owns the handlers (see there).
+            yield
+
+    from wg_autopeer.server.app import create_app
+    from wg_autopeer.wireguard import open_control
+
+    control = open_control()
+    try:
+        app = create_app(config, control)
+        server = Server(
+            uvicorn.Config(
+                app,
+                # Identity is the TCP peer address: never let proxy headers rewrite it.
+                proxy_headers=False,
+                forwarded_allow_ips=None,
+                server_header=False,
+                date_header=True,
+                access_log=False,
+                log_config=None,
+                lifespan="on",
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+            )
+        )
+        stop.attach(server)
+        await server.serve(sockets=sockets)
+    finally:
+        await control.close()
+
+
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("wg-autopeer server: not built yet")
+    try:
+        config = resolve_config(args)
+        listen = list(config.listen) or interface_addresses(config.interface)
+        sockets = [open_socket(address) for address in listen]
+    except WgAutopeerError as exc:
+        log.error("%s", exc)
+        return 2
+    stop = StopSignal()
+    stop.install()
+    log.info(
+        "serving %s for %s on %s",
+        "/peering-request",
+        config.interface,
+        ", ".join(str(a) for a in listen),
+    )
+    try:
+        asyncio.run(serve(config, sockets, stop))
+    except WgAutopeerError as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        for sock in sockets:
+            sock.close()
+    return 0

@@ -1,0 +1,300 @@
+"""A declarative, pure description of a lab: who lives where, with which addresses.
+
+Nothing here touches the system. ``Topology.validate`` refuses a description
+that could not be built (names too long for Linux interfaces, duplicate or
+misplaced addresses) before any namespace exists, so a bad description never
+leaves half a lab behind.
+
+Naming, derived from the prefix so several labs can run side by side:
+
+* namespace of host ``alice``: ``<prefix>-alice``; the switch namespace holding
+  every bridge: ``<prefix>-sw``;
+* WireGuard interface of ``alice``: ``<prefix>-alice`` too, because the UAPI
+  socket folder ``/var/run/wireguard`` is shared by all namespaces, so the name
+  must be unique host-wide, and Linux caps interface names at 15 characters.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+
+from wg_autopeer.errors import LabError
+
+IFNAMSIZ = 15
+SWITCH_HOST = "sw"
+WAN_BRIDGE = "wan"
+# Interface names inside a host namespace; only they need not be unique host-wide.
+CLIENT_LAN_IF = "eth0"
+WAN_IF = "wan0"
+ROUTER_LAN_IF = "lan0"
+
+# No hyphen in a prefix: cleanup deletes every namespace starting with "<prefix>-",
+# and a prefix "wap" must never match the namespaces of a lab "wap-x".
+_PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
+_HOST_RE = re.compile(r"^[a-z][a-z0-9]*$")
+_BRIDGE_RE = re.compile(r"^[a-z][a-z0-9]*$")
+
+# Addresses are immutable, so sharing them as dataclass defaults is safe.
+DEFAULT_WAN = IPv4Network("203.0.113.0/24")
+DEFAULT_HUB_WAN = IPv4Interface("203.0.113.1/24")
+DEFAULT_HUB_TUNNEL = IPv4Interface("10.99.0.1/24")
+
+
+@dataclass(frozen=True)
+class HubSpec:
+    """The hub: on the WAN with a public address, WireGuard server of every client."""
+
+    name: str = "hub"
+    wan: IPv4Interface = DEFAULT_HUB_WAN
+    tunnel: IPv4Interface = DEFAULT_HUB_TUNNEL
+    listen_port: int = 51820
+    # Rate limit of the hub's WAN link, each direction; None for no limit. It makes a
+    # detour through the hub measurably slower than a direct LAN path.
+    rate_mbit: float | None = 20.0
+
+
+@dataclass(frozen=True)
+class LanSpec:
+    """A LAN bridge behind a NAT router that owns its gateway address."""
+
+    name: str
+    router: str
+    wan: IPv4Interface
+    gateway: IPv4Interface
+    masquerade: bool = True
+
+    @property
+    def network(self) -> IPv4Network:
+        return self.gateway.network
+
+
+@dataclass(frozen=True)
+class ClientSpec:
+    """A hub client on a LAN, with the hub as its only WireGuard peer."""
+
+    name: str
+    lan: str
+    address: IPv4Interface
+    tunnel: IPv4Interface
+    listen_port: int = 51820
+    keepalive: int | None = 25
+
+
+@dataclass(frozen=True)
+class Topology:
+    """A whole lab. Immutable: ``with_client``/``with_lan`` return a new one."""
+
+    prefix: str
+    wan: IPv4Network = DEFAULT_WAN
+    hub: HubSpec = field(default_factory=HubSpec)
+    lans: tuple[LanSpec, ...] = ()
+    clients: tuple[ClientSpec, ...] = ()
+
+    # Names -----------------------------------------------------------------
+
+    def ns(self, host: str) -> str:
+        """Namespace name of ``host`` (also valid for the switch, ``"sw"``)."""
+        return f"{self.prefix}-{host}"
+
+    def wg_interface(self, host: str) -> str:
+        """WireGuard interface name of the hub or a client; unique host-wide."""
+        return f"{self.prefix}-{host}"
+
+    @property
+    def switch_ns(self) -> str:
+        return self.ns(SWITCH_HOST)
+
+    def hosts(self) -> tuple[str, ...]:
+        """Every host that gets a namespace, switch excluded: hub, routers, clients."""
+        return (self.hub.name, *(lan.router for lan in self.lans), *(c.name for c in self.clients))
+
+    def wg_hosts(self) -> tuple[str, ...]:
+        """Hosts that run WireGuard: the hub and every client."""
+        return (self.hub.name, *(c.name for c in self.clients))
+
+    def namespaces(self) -> tuple[str, ...]:
+        return (self.switch_ns, *(self.ns(h) for h in self.hosts()))
+
+    def lan(self, name: str) -> LanSpec:
+        for lan in self.lans:
+            if lan.name == name:
+                return lan
+        raise LabError(f"no LAN named {name!r} in lab {self.prefix!r}")
+
+    def client(self, name: str) -> ClientSpec:
+        for client in self.clients:
+            if client.name == name:
+                return client
+        raise LabError(f"no client named {name!r} in lab {self.prefix!r}")
+
+    def router_lan(self, router: str) -> LanSpec | None:
+        for lan in self.lans:
+            if lan.router == router:
+                return lan
+        return None
+
+    # Changes ---------------------------------------------------------------
+
+    def with_client(self, spec: ClientSpec) -> Topology:
+        return replace(self, clients=(*self.clients, spec))
+
+    def with_lan(self, spec: LanSpec) -> Topology:
+        return replace(self, lans=(*self.lans, spec))
+
+    def with_client_replaced(self, spec: ClientSpec) -> Topology:
+        return replace(
+            self, clients=tuple(spec if c.name == spec.name else c for c in self.clients)
+        )
+
+    # Validation ------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Raise ``LabError`` naming every problem that would stop the lab being built."""
+        problems = self.problems()
+        if problems:
+            raise LabError(f"invalid topology {self.prefix!r}: " + "; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Every problem found, in a stable order; empty when the topology can be built."""
+        problems: list[str] = []
+        if not _PREFIX_RE.match(self.prefix):
+            problems.append(
+                f"prefix {self.prefix!r} must be 1-8 lower-case letters/digits, first a letter"
+            )
+        problems += self._name_problems()
+        problems += self._address_problems()
+        problems += self._port_problems()
+        return problems
+
+    def _name_problems(self) -> list[str]:
+        problems: list[str] = []
+        hosts = self.hosts()
+        seen: set[str] = {SWITCH_HOST}
+        for host in hosts:
+            if not _HOST_RE.match(host):
+                problems.append(f"host name {host!r} must be lower-case letters/digits")
+            if host in seen:
+                problems.append(f"host name {host!r} is used twice (or is reserved)")
+            seen.add(host)
+            # The switch-side veth end is named "<host>-<x>", 2 characters longer.
+            if len(host) + 2 > IFNAMSIZ:
+                problems.append(f"host name {host!r} is too long for its switch-side link")
+        for host in self.wg_hosts():
+            name = self.wg_interface(host)
+            if len(name) > IFNAMSIZ:
+                problems.append(
+                    f"WireGuard interface {name!r} is longer than {IFNAMSIZ} characters"
+                )
+        bridges = [WAN_BRIDGE, *(lan.name for lan in self.lans)]
+        for bridge in bridges:
+            if not _BRIDGE_RE.match(bridge) or len(bridge) > IFNAMSIZ:
+                problems.append(f"LAN name {bridge!r} must be 1-15 lower-case letters/digits")
+        for bridge in sorted({b for b in bridges if bridges.count(b) > 1}):
+            problems.append(f"LAN name {bridge!r} is used twice (or is reserved)")
+        lan_names = {lan.name for lan in self.lans}
+        for client in self.clients:
+            if client.lan not in lan_names:
+                problems.append(f"client {client.name!r} is on unknown LAN {client.lan!r}")
+        return problems
+
+    def _address_problems(self) -> list[str]:
+        problems: list[str] = []
+        wan_owners: dict[IPv4Address, str] = {}
+        for owner, iface in [
+            (self.hub.name, self.hub.wan),
+            *((lan.router, lan.wan) for lan in self.lans),
+        ]:
+            if iface.network != self.wan:
+                problems.append(f"{owner}: WAN address {iface} is not in {self.wan}")
+            if iface.ip in (self.wan.network_address, self.wan.broadcast_address):
+                problems.append(f"{owner}: WAN address {iface} is not a host address")
+            if iface.ip in wan_owners:
+                problems.append(
+                    f"{owner}: WAN address {iface.ip} is already {wan_owners[iface.ip]}'s"
+                )
+            wan_owners.setdefault(iface.ip, owner)
+
+        tunnel_net = self.hub.tunnel.network
+        tunnel_owners: dict[IPv4Address, str] = {self.hub.tunnel.ip: self.hub.name}
+        for client in self.clients:
+            if client.tunnel.ip not in tunnel_net:
+                problems.append(
+                    f"{client.name}: tunnel address {client.tunnel} is not in {tunnel_net}"
+                )
+            if client.tunnel.ip in tunnel_owners:
+                problems.append(
+                    f"{client.name}: tunnel address {client.tunnel.ip} is already "
+                    f"{tunnel_owners[client.tunnel.ip]}'s"
+                )
+            tunnel_owners.setdefault(client.tunnel.ip, client.name)
+
+        for lan in self.lans:
+            if lan.network.overlaps(self.wan) or lan.network.overlaps(tunnel_net):
+                problems.append(f"LAN {lan.name}: {lan.network} overlaps the WAN or the tunnel")
+            owners: dict[IPv4Address, str] = {lan.gateway.ip: lan.router}
+            for client in (c for c in self.clients if c.lan == lan.name):
+                if client.address.network != lan.network:
+                    problems.append(
+                        f"{client.name}: LAN address {client.address} is not in {lan.network}"
+                    )
+                if client.address.ip in owners:
+                    problems.append(
+                        f"{client.name}: LAN address {client.address.ip} is already "
+                        f"{owners[client.address.ip]}'s"
+                    )
+                owners.setdefault(client.address.ip, client.name)
+        return problems
+
+    def _port_problems(self) -> list[str]:
+        problems: list[str] = []
+        ports = [
+            (self.hub.name, self.hub.listen_port),
+            *((c.name, c.listen_port) for c in self.clients),
+        ]
+        for owner, port in ports:
+            if not 1 <= port <= 65535:
+                problems.append(f"{owner}: listen port {port} is out of range")
+        for client in self.clients:
+            if client.keepalive is not None and not 1 <= client.keepalive <= 65535:
+                problems.append(f"{client.name}: keepalive {client.keepalive} is out of range")
+        if self.hub.rate_mbit is not None and self.hub.rate_mbit <= 0:
+            problems.append(f"hub rate {self.hub.rate_mbit} Mbit/s must be positive")
+        return problems
+
+
+def default_topology(prefix: str = "wap", rate_mbit: float | None = 20.0) -> Topology:
+    """Hub on the WAN; alice and bob behind NAT router r1 (lan1), carol behind r2 (lan2)."""
+    topology = Topology(
+        prefix=prefix,
+        wan=IPv4Network("203.0.113.0/24"),
+        hub=HubSpec(rate_mbit=rate_mbit),
+        lans=(
+            LanSpec(
+                name="lan1",
+                router="r1",
+                wan=IPv4Interface("203.0.113.10/24"),
+                gateway=IPv4Interface("192.168.50.1/24"),
+            ),
+            LanSpec(
+                name="lan2",
+                router="r2",
+                wan=IPv4Interface("203.0.113.20/24"),
+                gateway=IPv4Interface("192.168.60.1/24"),
+            ),
+        ),
+        clients=(
+            ClientSpec(
+                "alice", "lan1", IPv4Interface("192.168.50.10/24"), IPv4Interface("10.99.0.2/24")
+            ),
+            ClientSpec(
+                "bob", "lan1", IPv4Interface("192.168.50.11/24"), IPv4Interface("10.99.0.3/24")
+            ),
+            ClientSpec(
+                "carol", "lan2", IPv4Interface("192.168.60.10/24"), IPv4Interface("10.99.0.4/24")
+            ),
+        ),
+    )
+    topology.validate()
+    return topology

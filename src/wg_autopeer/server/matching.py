@@ -1,0 +1,143 @@
+"""Who shares a LAN with whom: pure functions of registrations, no I/O.
+
+Two clients are LAN neighbours when they sit behind the same public identity
+(the IPv4 address, or the IPv6 /64, that the hub sees as their endpoint) and
+each reported an address in the same network behind the same gateway, and the
+policy lets both peer directly. Registrations are indexed by that
+``GroupKey`` so one answer costs O(size of the LAN group), never O(all clients).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address, IPv6Network, ip_interface
+
+from wg_autopeer.protocol import LanEntry, PeerOffer
+from wg_autopeer.wireguard.base import IPAddress, IPNetwork
+
+# An IPv4 address, or the /64 an IPv6 endpoint sits in (its privacy address rotates).
+PublicIdentity = IPv4Address | IPv6Network
+
+IPV6_SITE_PREFIX = 64
+
+
+def public_identity(address: IPAddress) -> PublicIdentity:
+    """Normalise the hub's view of a client's endpoint address into its public identity."""
+    if isinstance(address, IPv6Address):
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
+        return IPv6Network((address, IPV6_SITE_PREFIX), strict=False)
+    return address
+
+
+@dataclass(frozen=True, order=True)
+class ReportedLan:
+    """One address a client reported on its LAN, with that LAN's gateway."""
+
+    address: IPAddress
+    prefix: int
+    gateway: IPAddress
+    listen_port: int | None = None
+
+    @property
+    def network(self) -> IPNetwork:
+        return ip_interface(f"{self.address}/{self.prefix}").network
+
+    @classmethod
+    def from_entry(cls, entry: LanEntry) -> ReportedLan:
+        return cls(entry.ip, entry.netmask, entry.gateway, entry.listen_port)
+
+
+@dataclass(frozen=True)
+class GroupKey:
+    """A LAN as seen from the internet: public identity, gateway and network."""
+
+    public_ip: PublicIdentity
+    gateway: IPAddress
+    network: IPNetwork
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What the server knows about one client; soft state that expires at ``expires_at``."""
+
+    pubkey: str
+    # The client's host addresses in the tunnel: its /32 and /128 allowed IPs on the hub.
+    tunnel_ips: tuple[IPAddress, ...]
+    public_ip: PublicIdentity
+    lans: tuple[ReportedLan, ...]
+    expires_at: float
+
+    def group_keys(self) -> frozenset[GroupKey]:
+        return frozenset(GroupKey(self.public_ip, lan.gateway, lan.network) for lan in self.lans)
+
+    def same_content(self, other: Registration | None) -> bool:
+        """True when ``other`` differs at most in its expiry (answers would not change)."""
+        return (
+            other is not None
+            and self.pubkey == other.pubkey
+            and self.tunnel_ips == other.tunnel_ips
+            and self.public_ip == other.public_ip
+            and self.lans == other.lans
+        )
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Which keys may peer directly: everyone (``allow is None``) or an allow-list, minus
+    ``exclude``."""
+
+    allow: frozenset[str] | None = None
+    exclude: frozenset[str] = frozenset()
+
+    def permits(self, pubkey: str) -> bool:
+        if pubkey in self.exclude:
+            return False
+        return self.allow is None or pubkey in self.allow
+
+
+def _offer(neighbour: Registration, lan: ReportedLan) -> PeerOffer:
+    ips = [str(ip) for ip in neighbour.tunnel_ips]
+    if lan.listen_port is None:
+        # Without the neighbour's own port its LAN address is useless: the hub's view of the
+        # port is the NAT's. wireguard-web omits both for such peers too.
+        return PeerOffer(pubkey=neighbour.pubkey, ip=ips)
+    return PeerOffer(
+        pubkey=neighbour.pubkey, endpoint=str(lan.address), port=lan.listen_port, ip=ips
+    )
+
+
+def neighbours(
+    requester: Registration,
+    index: Mapping[GroupKey, Iterable[str]],
+    registrations: Mapping[str, Registration],
+    policy: Policy,
+    now: float,
+) -> list[PeerOffer]:
+    """The LAN neighbours of ``requester``, sorted by key so the answer's ETag is stable.
+
+    ``index`` maps each group to the keys registered in it; only the requester's groups
+    are visited. Expired registrations and keys the policy refuses are left out.
+    """
+    if not policy.permits(requester.pubkey) or requester.expires_at <= now:
+        return []
+    # Per neighbour, the LAN entry to offer: one with a listen port wins, then entry order.
+    chosen: dict[str, tuple[Registration, ReportedLan]] = {}
+    for lan in requester.lans:
+        key = GroupKey(requester.public_ip, lan.gateway, lan.network)
+        for pubkey in index.get(key, ()):
+            if pubkey == requester.pubkey or not policy.permits(pubkey):
+                continue
+            other = registrations.get(pubkey)
+            if other is None or other.expires_at <= now or other.public_ip != key.public_ip:
+                continue
+            previous = chosen.get(pubkey)
+            if previous is not None and previous[1].listen_port is not None:
+                continue
+            for other_lan in other.lans:
+                if other_lan.gateway == key.gateway and other_lan.network == key.network:
+                    if previous is None or other_lan.listen_port is not None:
+                        chosen[pubkey] = (other, other_lan)
+                    break
+    return [_offer(reg, lan) for _, (reg, lan) in sorted(chosen.items())]

@@ -1,0 +1,185 @@
+"""The in-memory registry: registrations by key, an index by LAN group, and wake-ups.
+
+Every change (register, leave, expiry, hub-side invalidation) wakes the waiting
+blocking queries of the clients in the groups it touched, old and new. A waiter
+costs one awaited ``asyncio.Event``: clients of the same key share it, and it
+is replaced each time it fires, so nothing polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from wg_autopeer.protocol import PeeringAnswer
+from wg_autopeer.server.matching import GroupKey, Policy, Registration, neighbours
+from wg_autopeer.server.store import RegistrationStore, StoreError
+
+log = logging.getLogger(__name__)
+
+
+def etag_of(answer: PeeringAnswer) -> str:
+    """A strong ETag (quoted) of the canonical JSON of ``answer``."""
+    digest = hashlib.sha256(answer_bytes(answer)).hexdigest()
+    return f'"{digest[:20]}"'
+
+
+def answer_bytes(answer: PeeringAnswer) -> bytes:
+    """The answer exactly as it goes on the wire: absent fields omitted, keys sorted."""
+    return json.dumps(
+        answer.model_dump(mode="json", exclude_none=True), sort_keys=True, separators=(",", ":")
+    ).encode()
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """A registration the registry let go, and why (``expired``, ``left``, ``roamed``...)."""
+
+    pubkey: str
+    reason: str
+
+
+class Registry:
+    """Registrations of the clients that reported their LANs, with change notification."""
+
+    def __init__(self, policy: Policy, store: RegistrationStore | None = None) -> None:
+        self.policy = policy
+        self._store = store
+        self._regs: dict[str, Registration] = {}
+        self._index: dict[GroupKey, set[str]] = {}
+        self._waiters: dict[str, asyncio.Event] = {}
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def get(self, pubkey: str) -> Registration | None:
+        return self._regs.get(pubkey)
+
+    @property
+    def client_count(self) -> int:
+        return len(self._regs)
+
+    @property
+    def group_count(self) -> int:
+        return len(self._index)
+
+    def answer_for(self, pubkey: str, now: float) -> PeeringAnswer:
+        """The peer list ``pubkey`` gets right now (empty when it is not registered)."""
+        requester = self._regs.get(pubkey)
+        if requester is None:
+            return PeeringAnswer(peers=[])
+        return PeeringAnswer(peers=neighbours(requester, self._index, self._regs, self.policy, now))
+
+    def change_event(self, pubkey: str) -> asyncio.Event:
+        """An event set at the next change that may alter the answer of ``pubkey``.
+
+        Take it *before* computing the answer you compare against, so no change slips
+        between the two.
+        """
+        event = self._waiters.get(pubkey)
+        if event is None:
+            event = self._waiters[pubkey] = asyncio.Event()
+        return event
+
+    # -- changing --------------------------------------------------------------------------
+
+    def load(self) -> int:
+        """Fill the registry from the store; returns how many registrations were loaded."""
+        if self._store is None:
+            return 0
+        loaded = self._store.load_all()
+        for registration in loaded:
+            self._insert(registration)
+        return len(loaded)
+
+    def put(self, registration: Registration) -> bool:
+        """Register or refresh a client; True when its neighbours' answers may have changed."""
+        old = self._regs.get(registration.pubkey)
+        changed = not registration.same_content(old)
+        touched: set[GroupKey] = set()
+        if old is not None:
+            touched |= self._remove_from_index(old)
+        self._insert(registration)
+        touched |= registration.group_keys()
+        self._persist(registration)
+        if changed:
+            self._wake(touched, registration.pubkey)
+        return changed
+
+    def remove(self, pubkey: str, reason: str) -> Dropped | None:
+        """Drop a client at once and wake its former neighbours."""
+        old = self._regs.pop(pubkey, None)
+        if old is None:
+            return None
+        touched = self._remove_from_index(old)
+        self._unpersist(pubkey)
+        self._wake(touched, pubkey)
+        log.info("dropped key=%s reason=%s", pubkey[:8], reason)
+        return Dropped(pubkey, reason)
+
+    def sweep(self, now: float) -> list[Dropped]:
+        """Drop every registration whose TTL ran out."""
+        expired = [pk for pk, reg in self._regs.items() if reg.expires_at <= now]
+        return [d for pk in expired if (d := self.remove(pk, "expired")) is not None]
+
+    def reconcile(self, verdict: Callable[[Registration], str | None]) -> list[Dropped]:
+        """Drop every registration for which ``verdict`` names a reason (roamed, stale...)."""
+        doomed = [(pk, r) for pk, reg in self._regs.items() if (r := verdict(reg)) is not None]
+        return [d for pk, reason in doomed if (d := self.remove(pk, reason)) is not None]
+
+    def wake_all(self) -> None:
+        """Wake every waiter (shutdown: let blocking queries answer now)."""
+        waiters, self._waiters = self._waiters, {}
+        for event in waiters.values():
+            event.set()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _insert(self, registration: Registration) -> None:
+        self._regs[registration.pubkey] = registration
+        for key in registration.group_keys():
+            self._index.setdefault(key, set()).add(registration.pubkey)
+
+    def _remove_from_index(self, registration: Registration) -> set[GroupKey]:
+        keys = set(registration.group_keys())
+        for key in keys:
+            members = self._index.get(key)
+            if members is None:
+                continue
+            members.discard(registration.pubkey)
+            if not members:
+                del self._index[key]
+        return keys
+
+    def _wake(self, groups: Iterable[GroupKey], changed: str) -> None:
+        # O(members of the touched groups): nobody else's answer can have changed.
+        self._wake_key(changed)
+        for key in groups:
+            for pubkey in self._index.get(key, ()):
+                self._wake_key(pubkey)
+
+    def _wake_key(self, pubkey: str) -> None:
+        event = self._waiters.pop(pubkey, None)
+        if event is not None:
+            event.set()
+
+    def _persist(self, registration: Registration) -> None:
+        if self._store is None:
+            return
+        try:
+            self._store.put(registration)
+        except StoreError as exc:
+            # The registry keeps serving; only a restart would lose this client until it
+            # reports again.
+            log.error("store write failed for key=%s: %s", registration.pubkey[:8], exc)
+
+    def _unpersist(self, pubkey: str) -> None:
+        if self._store is None:
+            return
+        try:
+            self._store.delete(pubkey)
+        except StoreError as exc:
+            log.error("store delete failed for key=%s: %s", pubkey[:8], exc)

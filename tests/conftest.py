@@ -1,0 +1,88 @@
+"""Shared fixtures: skipping lab tests where no lab can run, and labs torn down in any case.
+
+Tests that need root, namespaces and wireguard-go mark themselves ``@pytest.mark.lab``
+(or use ``requires_root`` / ``root_required()``); they are skipped with the reason here.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from wg_autopeer.lab import Lab, Topology, default_topology, lab_unavailable_reason, list_namespaces
+from wg_autopeer.lab.lab import UAPI_DIR, read_state
+
+LAB_UNAVAILABLE = lab_unavailable_reason()
+requires_root = pytest.mark.skipif(
+    LAB_UNAVAILABLE is not None, reason=LAB_UNAVAILABLE or "needs root and network namespaces"
+)
+
+
+def root_required() -> None:
+    """Skip the calling test unless a namespace lab can run here."""
+    if LAB_UNAVAILABLE is not None:
+        pytest.skip(LAB_UNAVAILABLE)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if LAB_UNAVAILABLE is None:
+        return
+    skip = pytest.mark.skip(reason=LAB_UNAVAILABLE)
+    for item in items:
+        # Not `"lab" in item.keywords`: that also matches every test under tests/lab/.
+        if item.get_closest_marker("lab") is not None:
+            item.add_marker(skip)
+
+
+def unique_prefix(base: str = "t") -> str:
+    """A lab prefix ``base`` + 3 hex digits that no namespace, socket or state file uses now."""
+    for _ in range(100):
+        prefix = base + secrets.token_hex(2)[:3]
+        if not list_namespaces(prefix) and not any(UAPI_DIR.glob(f"{prefix}-*.sock")):
+            return prefix
+    raise RuntimeError(f"no free lab prefix starting with {base!r}")
+
+
+LabFactory = Callable[..., Lab]
+
+
+@pytest.fixture
+def lab_factory(tmp_path: Path) -> Iterator[LabFactory]:
+    """Build labs that are torn down after the test, even when it fails.
+
+    ``lab_factory(build=None, *, base="t")``: ``build(prefix) -> Topology`` (default:
+    the default topology); returns the Lab already up.
+    """
+    labs: list[Lab] = []
+
+    def make(build: Callable[[str], Topology] | None = None, *, base: str = "t") -> Lab:
+        prefix = unique_prefix(base)
+        topology = (build or default_topology)(prefix)
+        lab = Lab(topology, state_dir=tmp_path / "lab")
+        labs.append(lab)
+        lab.up()
+        return lab
+
+    root_required()
+    try:
+        yield make
+    finally:
+        errors: list[BaseException] = []
+        for lab in reversed(labs):
+            try:
+                lab.down()
+            except BaseException as exc:  # tear the other labs down before raising
+                errors.append(exc)
+            if read_state(lab.prefix, lab.state_dir) is not None or list_namespaces(lab.prefix):
+                Lab.cleanup_leftovers(lab.prefix, lab.state_dir)
+        if errors:
+            raise errors[0]
+
+
+@pytest.fixture
+def lab(lab_factory: LabFactory) -> Lab:
+    """The default topology (hub, r1/lan1 with alice+bob, r2/lan2 with carol), up, own prefix."""
+    return lab_factory()
