@@ -348,6 +348,26 @@ class InterfaceWorker:
             await apply(the_plan, self.agent.control, self.interface, self.agent.ledger_store)
             self.agent.writes += len(the_plan.operations)
 
+    async def rebind_hub(self) -> None:
+        """Re-apply the hub peer's own endpoint, unchanged, after the LAN changed.
+
+        wireguard-go on Linux keeps the source address it last used for a peer
+        ("sticky sockets"); after a roam that address is gone and every packet to
+        the hub fails until the endpoint is set again. Setting the identical value
+        changes no configuration and keeps the session, but clears that cache, so
+        the hub path (and the report that rides on it) works at once.
+        """
+        device = await self.agent.control.get_device(self.interface)
+        hub_key = self._hub_key_for_removal(device)
+        hub = device.peer(hub_key) if hub_key else None
+        if hub is None or hub.endpoint is None:
+            return
+        async with self.agent.apply_lock:
+            await self.agent.control.set_peer(self.interface, hub.as_config())
+        log.debug(
+            "%s: re-applied the hub endpoint %s after a LAN change", self.interface, hub.endpoint
+        )
+
     async def check_health(self) -> None:
         """Drop direct peers that do not handshake; they fall back to the hub."""
         ledger = self.agent.ledger_store.load().interface(self.interface)
@@ -510,16 +530,20 @@ class Agent:
 
     async def _watch_network(self) -> None:
         async for change in self.netview.changes():
+            before = self.snapshot.lan_uplinks()
             self.snapshot = change.after
             log.info("network change: %s", "; ".join(change.reasons))
             await self.sync_workers()
-            if not change.after.lan_uplinks():
-                # No gateway: drop direct peers at once, without contacting anyone.
-                for worker in list(self.workers.values()):
-                    try:
+            uplinks = change.after.lan_uplinks()
+            for worker in list(self.workers.values()):
+                try:
+                    if not uplinks:
+                        # No gateway: drop direct peers at once, without contacting anyone.
                         await worker.withdraw("no default gateway")
-                    except WireGuardError as exc:
-                        log.error("%s: %s", worker.interface, exc)
+                    elif uplinks != before:
+                        await worker.rebind_hub()
+                except WireGuardError as exc:
+                    log.error("%s: %s", worker.interface, exc)
             self.resync("network change")
 
     async def _health_loop(self) -> None:

@@ -437,6 +437,7 @@ def create_app(
         },
     )
     async def peering_request(request: Request) -> Response:
+        arrived = monotonic()
         try:
             peer = await identify(request)
             if not _is_json(request.headers.get("content-type")):
@@ -448,6 +449,13 @@ def create_app(
                 )
             peer = await fresh_peer(request, peer)
             registration = build_registration(peer, entries)
+            # A new or moved LAN usually means the client just roamed: its first
+            # packets from the new address reached the hub before this request did,
+            # so a view read now has its new endpoint, while the cache may predate it.
+            moved = not registration.same_content(core.registry.get(peer.public_key))
+            if moved and await core.hub.refresh_since(arrived):
+                peer = await fresh_peer(request, await identify(request))
+                registration = build_registration(peer, entries)
         except Refusal as refusal:
             return refused(request, refusal)
         core.registry.put(registration)
@@ -492,7 +500,7 @@ def create_app(
                 # Take the event first: a change after this point sets it.
                 event = core.registry.change_event(pubkey)
                 current = core.registry.answer_for(pubkey, core.clock())
-                etag = etag_of(current)
+                etag = etag_of(current, registered=core.registry.get(pubkey) is not None)
                 if etag not in held:
                     request.state.outcome = "ok"
                     return Response(

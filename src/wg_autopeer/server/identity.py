@@ -162,6 +162,23 @@ class HubView:
                 return False
             return True
 
+    async def refresh_since(self, moment: float) -> bool:
+        """Make sure the view was read after ``moment`` (monotonic); True if it re-read.
+
+        Concurrent callers share one read: whoever waited on the lock finds a read
+        that started after its moment and uses it.
+        """
+        async with self._lock:
+            attempted = self._attempted_at
+            if attempted is not None and attempted >= moment:
+                return False
+            try:
+                await self._refresh_locked()
+            except WireGuardError as exc:
+                log.warning("reading %s failed: %s", self.interface, exc)
+                return False
+            return True
+
     def peek(self, source: IPAddress) -> HubPeer | None:
         """The cached peer owning ``source``, without touching the device."""
         return self.snapshot.lookup(normalise_source(source))

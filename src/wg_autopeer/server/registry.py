@@ -22,10 +22,16 @@ from wg_autopeer.server.store import RegistrationStore, StoreError
 log = logging.getLogger(__name__)
 
 
-def etag_of(answer: PeeringAnswer) -> str:
-    """A strong ETag (quoted) of the canonical JSON of ``answer``."""
-    digest = hashlib.sha256(answer_bytes(answer)).hexdigest()
-    return f'"{digest[:20]}"'
+def etag_of(answer: PeeringAnswer, *, registered: bool = True) -> str:
+    """A strong ETag (quoted) of the canonical JSON of ``answer``.
+
+    Whether the client is registered at all is part of the version: when the
+    server drops a client (it roamed, its handshake went stale, its TTL ran out)
+    its own blocking query must end even if its peer list was empty before and
+    after, so that it reports again at once instead of at the next timeout.
+    """
+    digest = hashlib.sha256(answer_bytes(answer) + (b"" if registered else b"\0unregistered"))
+    return f'"{digest.hexdigest()[:20]}"'
 
 
 def answer_bytes(answer: PeeringAnswer) -> bytes:
