@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from wg_autopeer.errors import NoSuchInterface
 from wg_autopeer.wireguard import (
     AutoControl,
     FakeWireGuard,
@@ -42,7 +43,7 @@ async def lo_socket(tmp_path: Path) -> AsyncIterator[Path]:
 async def test_interface_with_socket_goes_to_uapi_others_to_netlink(lo_socket: Path) -> None:
     kernel = FakeWireGuard()
     kernel.add_device("wg0", KEY, listen_port=51820)
-    control = AutoControl(UapiControl(lo_socket), kernel)
+    control = AutoControl(UapiControl(lo_socket), kernel, link_exists=lambda name: True)
     assert isinstance(control.backend_for("lo"), UapiControl)
     assert control.backend_for("wg0") is kernel
     assert (await control.get_device("lo")).listen_port == 7
@@ -50,6 +51,13 @@ async def test_interface_with_socket_goes_to_uapi_others_to_netlink(lo_socket: P
     await control.set_peer("wg0", PeerConfig(KEY))
     assert kernel.writes == [("set_peer", "wg0", KEY)]
     assert await control.list_interfaces() == ["lo", "wg0"]
+
+
+async def test_missing_link_is_no_such_interface_not_a_netlink_error(tmp_path: Path) -> None:
+    control = AutoControl(UapiControl(tmp_path), FakeWireGuard())
+    with pytest.raises(NoSuchInterface) as caught:
+        await control.get_device("wgtnolink0")
+    assert caught.value.interface == "wgtnolink0"
 
 
 async def test_socket_without_link_here_is_not_uapi(tmp_path: Path) -> None:

@@ -51,6 +51,7 @@ T = TypeVar("T")
 
 # A server that answers at once every time must not make us spin.
 MIN_REQUEST_SPACING = 1.0
+QUICK_ANSWERS_ALLOWED = 3
 HEALTH_TICK = 1.0
 
 
@@ -103,6 +104,7 @@ class InterfaceWorker:
         self.suppressions = Suppressions()
         self._refused_logged: set[tuple[str, str]] = set()
         self._etag: str | None = None
+        self._quick_answers = 0
         self._etag_for: tuple[LanEntry, ...] = ()
         self._client: PeeringClient | None = None
         self._closing: set[asyncio.Future[None]] = set()
@@ -258,8 +260,13 @@ class InterfaceWorker:
             )
         if result.blocking_supported and result.etag:
             self._etag, self._etag_for = result.etag, entries
-            spent = time.monotonic() - started
-            return None if spent >= MIN_REQUEST_SPACING else MIN_REQUEST_SPACING - spent
+            # A held query that answers at once is normal after a change, but a server
+            # that does it every time would make us spin: after a few in a row, pace.
+            quick = time.monotonic() - started < MIN_REQUEST_SPACING
+            self._quick_answers = self._quick_answers + 1 if quick else 0
+            if self._quick_answers > QUICK_ANSWERS_ALLOWED:
+                return MIN_REQUEST_SPACING
+            return None
         self._etag = None
         return agent.config.interval
 

@@ -23,10 +23,14 @@ def add_parser(sub: Any) -> None:
         ("up", "build the default topology and leave it running"),
         ("down", "tear the lab down (also after a crash: from its state file and prefix)"),
         ("status", "show what of the lab exists"),
+        ("demo", "build the lab, run server and agents, show direct vs hub, tear down"),
     ):
         action = actions.add_parser(name, help=help_text)
+        default_prefix = "demo" if name == "demo" else "wap"
         action.add_argument(
-            "--prefix", default="wap", help="name prefix of namespaces/interfaces (default: wap)"
+            "--prefix",
+            default=default_prefix,
+            help=f"name prefix of namespaces/interfaces (default: {default_prefix})",
         )
         action.add_argument(
             "--state-dir",
@@ -51,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
             return _up(args)
         if args.lab_action == "down":
             return _down(args)
+        if args.lab_action == "demo":
+            from wg_autopeer.lab.demo import run_demo
+
+            return run_demo(args.prefix, args.state_dir)
         return _status(args)
     except LabError as exc:
         print(f"wg-autopeer lab {args.lab_action}: {exc}", file=sys.stderr)

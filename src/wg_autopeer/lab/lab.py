@@ -332,10 +332,15 @@ def _teardown(
 ) -> CleanupReport:
     errors: list[str] = []
     ended: list[ProcessRecord] = []
-    try:
-        ended = end_processes(state.processes, popens=popens)
-    except LabError as exc:
-        errors.append(str(exc))
+    # Spawned programs (agents, servers) first, while the WireGuard devices they clean
+    # up on SIGTERM still exist; the wireguard-go daemons after them.
+    devices = [r for r in state.processes if "wireguard-go" in r.argv]
+    programs = [r for r in state.processes if r not in devices]
+    for group in (programs, devices):
+        try:
+            ended += end_processes(group, popens=popens)
+        except LabError as exc:
+            errors.append(str(exc))
 
     namespaces = sorted(set(state.namespaces) | set(list_namespaces(prefix)))
     # Hosts first, the switch last: a veth dies with either end, so order is cosmetic,

@@ -7,8 +7,10 @@ its link is in this network namespace, and kernel netlink otherwise.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
+from wg_autopeer.errors import NoSuchInterface
 from wg_autopeer.wireguard.base import (
     DeviceState,
     Endpoint,
@@ -25,6 +27,7 @@ from wg_autopeer.wireguard.uapi import (
     DEFAULT_SOCKET_DIR,
     UapiControl,
     has_uapi_socket,
+    link_exists,
     public_key_of,
 )
 
@@ -66,14 +69,26 @@ def is_wireguard_link(
 class AutoControl(WireGuardControl):
     """Routes each call to the UAPI or the netlink backend, decided per interface per call."""
 
-    def __init__(self, uapi: UapiControl, netlink: WireGuardControl) -> None:
+    def __init__(
+        self,
+        uapi: UapiControl,
+        netlink: WireGuardControl,
+        *,
+        link_exists: Callable[[str], bool] = link_exists,
+    ) -> None:
         self.uapi = uapi
         self.netlink = netlink
+        self._link_exists = link_exists
 
     def backend_for(self, interface: str) -> WireGuardControl:
         """The backend for ``interface`` now; asked every call, as a device may come back as the
-        other kind."""
-        return self.uapi if self.uapi.has_device(interface) else self.netlink
+        other kind. A link that does not exist at all is ``NoSuchInterface`` here, rather
+        than whatever the netlink backend would say about it (e.g. "module not available")."""
+        if self.uapi.has_device(interface):
+            return self.uapi
+        if not self._link_exists(interface):
+            raise NoSuchInterface(interface, "no such interface in this network namespace")
+        return self.netlink
 
     async def list_interfaces(self) -> list[str]:
         names = set(await self.uapi.list_interfaces())
