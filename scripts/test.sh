@@ -3,8 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-echo "== ruff";  .venv/bin/ruff check src tests bench
-.venv/bin/ruff format --check src tests bench
+echo "== ruff";  .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 echo "== mypy";  .venv/bin/mypy
 echo "== pytest"
 .venv/bin/pytest "$@"

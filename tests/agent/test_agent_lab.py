@@ -211,3 +211,28 @@ def _agent_argv() -> list[str]:
         "--runtime-dir",
         "/tmp/wgap-nopriv",
     ]
+
+
+def test_losing_the_default_gateway_drops_direct_peers_without_asking(lab_factory: object) -> None:
+    lab = _lab_ready(lab_factory)
+    hand_before = _hand_peer(lab, "alice")
+    start_server(lab)
+    start_agent(lab, "alice")
+    start_agent(lab, "bob")
+    assert wait_for(lambda: _paired(lab), timeout=15)
+    from_alice = f"method=POST path=/peering-request source={lab.tunnel_ip('alice')} "
+    requests_before = lab.log_path("server").read_text().count(from_alice)
+
+    lab.set_default_route("alice", None)
+    assert wait_for(lambda: lab.public_key("bob") not in direct_peers(lab, "alice"), timeout=1.0), (
+        "alice kept bob as a direct peer for over 1 s without a default gateway"
+    )
+    # Nobody was asked: no new request from alice. Her held blocking query, cut by the
+    # change, may still be logged as it ends: at most one more line.
+    time.sleep(0.5)  # an observation window: proving an absence needs one
+    assert lab.log_path("server").read_text().count(from_alice) <= requests_before + 1
+    assert _hand_peer(lab, "alice") == hand_before
+
+    # The gateway comes back: alice peers with bob again.
+    lab.set_default_route("alice", lab.topology.lan("lan1").gateway.ip)
+    assert wait_for(lambda: _paired(lab), timeout=10)
