@@ -18,6 +18,7 @@ from wg_autopeer.lab import Lab
 from wg_autopeer.lab.lab import wait_for
 from wg_autopeer.lab.services import (
     agent_dirs,
+    curl_peering,
     direct_peers,
     has_direct_peer,
     start_agent,
@@ -236,3 +237,36 @@ def test_losing_the_default_gateway_drops_direct_peers_without_asking(lab_factor
     # The gateway comes back: alice peers with bob again.
     lab.set_default_route("alice", lab.topology.lan("lan1").gateway.ip)
     assert wait_for(lambda: _paired(lab), timeout=10)
+
+
+def test_direct_peer_that_never_handshakes_falls_back_to_the_hub(lab_factory: object) -> None:
+    """wireguard-web answers the NAT's port, on which a neighbour never answers: the agent
+    must try, notice the missing handshake, and give the traffic back to the hub."""
+    lab = lab_factory()  # type: ignore[operator]
+    start_server(lab)
+    # bob registers by hand, as a wireguard-web style agent would, with a port nobody uses.
+    entry = {
+        "pubkey": lab.public_key("bob"),
+        "ip": str(lab.lan_ip("bob")),
+        "netmask": lab.lan_interface("bob").network.prefixlen,
+        "gateway": str(lab.topology.lan("lan1").gateway.ip),
+        "listen_port": 40000,
+    }
+    status, body = curl_peering(lab, "bob", [entry])
+    assert status == 200, body
+    start_agent(lab, "alice")
+
+    def bob_on_wrong_port() -> bool:
+        peer = direct_peers(lab, "alice").get(lab.public_key("bob"))
+        return peer is not None and peer.endpoint is not None and peer.endpoint.port == 40000
+
+    assert wait_for(bob_on_wrong_port, timeout=10)
+    added = time.monotonic()
+    assert wait_for(lambda: lab.public_key("bob") not in direct_peers(lab, "alice"), timeout=15)
+    removed_after = time.monotonic() - added
+    assert removed_after >= 5, f"removed after {removed_after:.1f} s: before the grace period"
+    assert lab.ping("alice", lab.tunnel_ip("bob"), count=2, timeout=1)
+    # Backed off: not re-added while the server keeps offering it.
+    assert not wait_for(lambda: lab.public_key("bob") in direct_peers(lab, "alice"), timeout=3)
+    log = lab.log_path("agent-alice").read_text()
+    assert log.count("failed: no handshake within 10 s") == 1
