@@ -8,12 +8,14 @@ as the commands a user runs, and tears everything down even when it fails.
 from __future__ import annotations
 
 import signal
+import subprocess
 import sys
 import time
 from ipaddress import IPv4Interface, ip_network
 
 import pytest
 
+from conftest import LabFactory
 from wg_autopeer.lab import Lab
 from wg_autopeer.lab.lab import wait_for
 from wg_autopeer.lab.services import (
@@ -54,8 +56,8 @@ def _hand_peer(lab: Lab, host: str) -> tuple[str, ...] | None:
     return (str(peer.endpoint), *sorted(str(ip) for ip in peer.allowed_ips))
 
 
-def _lab_ready(lab_factory: object) -> Lab:
-    lab = lab_factory()  # type: ignore[operator]
+def _lab_ready(lab_factory: LabFactory) -> Lab:
+    lab = lab_factory()
     _add_hand_peer(lab, "alice")
     return lab
 
@@ -64,7 +66,21 @@ def _paired(lab: Lab) -> bool:
     return has_direct_peer(lab, "alice", "bob") and has_direct_peer(lab, "bob", "alice")
 
 
-def test_lan_neighbours_peer_directly_and_traffic_skips_the_hub(lab_factory: object) -> None:
+def _alice_and_bob_paired(
+    lab_factory: LabFactory,
+) -> tuple[Lab, subprocess.Popen[bytes], tuple[str, ...] | None]:
+    """A lab with the server, agents on alice and bob, the two peered directly; returns
+    the lab, alice's agent and alice's hand-configured peer as it was before."""
+    lab = _lab_ready(lab_factory)
+    hand_before = _hand_peer(lab, "alice")
+    start_server(lab)
+    alice = start_agent(lab, "alice")
+    start_agent(lab, "bob")
+    assert wait_for(lambda: _paired(lab), timeout=15)
+    return lab, alice, hand_before
+
+
+def test_lan_neighbours_peer_directly_and_traffic_skips_the_hub(lab_factory: LabFactory) -> None:
     lab = _lab_ready(lab_factory)
     hand_before = _hand_peer(lab, "alice")
     start_server(lab)
@@ -111,7 +127,7 @@ def test_lan_neighbours_peer_directly_and_traffic_skips_the_hub(lab_factory: obj
     assert _hand_peer(lab, "alice") == hand_before
 
 
-def test_roaming_falls_back_to_the_hub_and_repeers_on_the_new_lan(lab_factory: object) -> None:
+def test_roaming_falls_back_to_the_hub_and_repeers_on_the_new_lan(lab_factory: LabFactory) -> None:
     lab = _lab_ready(lab_factory)
     hand_before = _hand_peer(lab, "alice")
     start_server(lab)
@@ -136,13 +152,8 @@ def test_roaming_falls_back_to_the_hub_and_repeers_on_the_new_lan(lab_factory: o
     assert _hand_peer(lab, "alice") == hand_before
 
 
-def test_kill_9_then_restart_leaves_no_leftovers(lab_factory: object) -> None:
-    lab = _lab_ready(lab_factory)
-    hand_before = _hand_peer(lab, "alice")
-    start_server(lab)
-    alice = start_agent(lab, "alice")
-    start_agent(lab, "bob")
-    assert wait_for(lambda: _paired(lab), timeout=15)
+def test_kill_9_then_restart_leaves_no_leftovers(lab_factory: LabFactory) -> None:
+    lab, alice, hand_before = _alice_and_bob_paired(lab_factory)
 
     lab.stop(alice, signal.SIGKILL)
     # The killed agent could not clean up: bob is still a direct peer on alice.
@@ -157,13 +168,8 @@ def test_kill_9_then_restart_leaves_no_leftovers(lab_factory: object) -> None:
     assert _hand_peer(lab, "alice") == hand_before
 
 
-def test_sigterm_removes_direct_peers_and_bob_drops_alice_quickly(lab_factory: object) -> None:
-    lab = _lab_ready(lab_factory)
-    hand_before = _hand_peer(lab, "alice")
-    start_server(lab)
-    alice = start_agent(lab, "alice")
-    start_agent(lab, "bob")
-    assert wait_for(lambda: _paired(lab), timeout=15)
+def test_sigterm_removes_direct_peers_and_bob_drops_alice_quickly(lab_factory: LabFactory) -> None:
+    lab, alice, hand_before = _alice_and_bob_paired(lab_factory)
 
     stopped = time.monotonic()
     assert lab.stop(alice, signal.SIGTERM, timeout=10) == 0
@@ -179,8 +185,8 @@ def test_sigterm_removes_direct_peers_and_bob_drops_alice_quickly(lab_factory: o
     assert dropped < 2.0
 
 
-def test_agent_without_privileges_exits_2_with_the_fix(lab_factory: object) -> None:
-    lab = lab_factory()  # type: ignore[operator]
+def test_agent_without_privileges_exits_2_with_the_fix(lab_factory: LabFactory) -> None:
+    lab = lab_factory()
     result = lab.run(
         "alice",
         "setpriv",
@@ -214,13 +220,10 @@ def _agent_argv() -> list[str]:
     ]
 
 
-def test_losing_the_default_gateway_drops_direct_peers_without_asking(lab_factory: object) -> None:
-    lab = _lab_ready(lab_factory)
-    hand_before = _hand_peer(lab, "alice")
-    start_server(lab)
-    start_agent(lab, "alice")
-    start_agent(lab, "bob")
-    assert wait_for(lambda: _paired(lab), timeout=15)
+def test_no_gateway_drops_direct_peers_without_asking(
+    lab_factory: LabFactory,
+) -> None:
+    lab, _, hand_before = _alice_and_bob_paired(lab_factory)
     from_alice = f"method=POST path=/peering-request source={lab.tunnel_ip('alice')} "
     requests_before = lab.log_path("server").read_text().count(from_alice)
 
@@ -239,10 +242,10 @@ def test_losing_the_default_gateway_drops_direct_peers_without_asking(lab_factor
     assert wait_for(lambda: _paired(lab), timeout=10)
 
 
-def test_direct_peer_that_never_handshakes_falls_back_to_the_hub(lab_factory: object) -> None:
+def test_direct_peer_that_never_handshakes_falls_back_to_the_hub(lab_factory: LabFactory) -> None:
     """wireguard-web answers the NAT's port, on which a neighbour never answers: the agent
     must try, notice the missing handshake, and give the traffic back to the hub."""
-    lab = lab_factory()  # type: ignore[operator]
+    lab = lab_factory()
     start_server(lab)
     # bob registers by hand, as a wireguard-web style agent would, with a port nobody uses.
     entry = {

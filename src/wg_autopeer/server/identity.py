@@ -151,16 +151,9 @@ class HubView:
         Concurrent callers share one refresh: whoever waited on the lock finds the gap
         not yet passed and uses the fresh snapshot.
         """
-        async with self._lock:
-            attempted = self._attempted_at
-            if attempted is not None and self._monotonic() - attempted < self.min_refresh_gap:
-                return False
-            try:
-                await self._refresh_locked()
-            except WireGuardError as exc:
-                log.warning("reading %s failed: %s", self.interface, exc)
-                return False
-            return True
+        return await self._refresh_unless(
+            lambda attempted: self._monotonic() - attempted < self.min_refresh_gap
+        )
 
     async def refresh_since(self, moment: float) -> bool:
         """Make sure the view was read after ``moment`` (monotonic); True if it re-read.
@@ -168,9 +161,13 @@ class HubView:
         Concurrent callers share one read: whoever waited on the lock finds a read
         that started after its moment and uses it.
         """
+        return await self._refresh_unless(lambda attempted: attempted >= moment)
+
+    async def _refresh_unless(self, recent_enough: Callable[[float], bool]) -> bool:
+        """Re-read the device unless the last attempt is ``recent_enough``; never raises."""
         async with self._lock:
             attempted = self._attempted_at
-            if attempted is not None and attempted >= moment:
+            if attempted is not None and recent_enough(attempted):
                 return False
             try:
                 await self._refresh_locked()
