@@ -4,8 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_packages=(wireguard-go wireguard-tools iproute2 nftables iputils-ping iperf3 curl
-              xvfb tint2 x11-utils xdotool imagemagick procps)
+apt_packages=(wireguard-go wireguard-tools iproute2 nftables iputils-ping iperf3 curl procps
+              xvfb trayer systemd)
 missing=()
 for pkg in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -6,14 +6,14 @@ Tests that need root, namespaces and wireguard-go mark themselves ``@pytest.mark
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from labkit import LabFactory, unique_prefix
 from wg_autopeer.lab import Lab, Topology, default_topology, lab_unavailable_reason, list_namespaces
-from wg_autopeer.lab.lab import UAPI_DIR, read_state
+from wg_autopeer.lab.lab import read_state
 
 LAB_UNAVAILABLE = lab_unavailable_reason()
 requires_root = pytest.mark.skipif(
@@ -35,18 +35,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         # Not `"lab" in item.keywords`: that also matches every test under tests/lab/.
         if item.get_closest_marker("lab") is not None:
             item.add_marker(skip)
-
-
-def unique_prefix(base: str = "t") -> str:
-    """A lab prefix ``base`` + 3 hex digits that no namespace, socket or state file uses now."""
-    for _ in range(100):
-        prefix = base + secrets.token_hex(2)[:3]
-        if not list_namespaces(prefix) and not any(UAPI_DIR.glob(f"{prefix}-*.sock")):
-            return prefix
-    raise RuntimeError(f"no free lab prefix starting with {base!r}")
-
-
-LabFactory = Callable[..., Lab]
 
 
 @pytest.fixture

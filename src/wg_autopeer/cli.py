@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from wg_autopeer import tray as tray_command
     from wg_autopeer.agent import command as agent_command
     from wg_autopeer.lab import command as lab_command
     from wg_autopeer.server import command as server_command
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     agent_command.add_parser(sub)
     server_command.add_parser(sub)
     lab_command.add_parser(sub)
+    tray_command.add_parser(sub)
     return parser
 
 

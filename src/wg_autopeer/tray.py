@@ -1,16 +1,40 @@
 """The tray icon: a thin client of the agent's local control socket, on its own thread.
 
-pystray's X11 backend connects to the display when it is imported, so it is
-imported only once we know a tray will run.
+Two ways to run it:
+
+- inside the agent (``wg-autopeer agent`` run by a desktop user, e.g. through a
+  ``setcap`` launcher): the agent starts it unless ``--no-tray``; "Quit" stops
+  the agent;
+- as its own process for a desktop user while the agent runs as root under
+  systemd: ``wg-autopeer tray`` (started by the XDG autostart entry). It needs
+  the agent's ``control_group`` so the user may open the socket; "Quit" closes
+  only the tray.
+
+The tray never runs as root: it belongs to a user's session (set
+``WG_AUTOPEER_TRAY_ALLOW_ROOT=1`` to override that, for tests only). pystray's
+X11 backend connects to the display when it is imported, so it is imported
+only once we know a tray will run. That backend has no menu and ignores clicks,
+so on X11 ``tray_x11.MenuIcon`` adds them (a popup menu on click);
+the GTK/AppIndicator backends (with PyGObject) bring their own menus.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import logging
 import os
+import shutil
+import signal
+import subprocess
 import threading
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cache
+from importlib import resources
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from wg_autopeer.agent import localapi
@@ -18,136 +42,462 @@ from wg_autopeer.agent import localapi
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 2.0
+STOP_GRACE_SECONDS = 5.0
+DEFAULT_RUNTIME_DIR = Path("/run/wg-autopeer")
+ALLOW_ROOT_ENV = "WG_AUTOPEER_TRAY_ALLOW_ROOT"
+STATES = ("active", "idle", "error")
+MENU_ROW_HEIGHT = 26  # pixels per entry of the X11 popup menu (tray_x11)
+
+Call = Callable[[Path, str], dict[str, Any]]
+HostProbe = Callable[[Mapping[str, str]], str | None]
 
 
 @dataclass(frozen=True)
 class TrayView:
-    """What the tray shows: a state word for the icon and a title in words."""
+    """What the tray shows: a state for the icon, a title in words, the Enabled check."""
 
-    state: str  # "active" | "idle" | "error"
+    state: str  # one of STATES
     title: str
+    enabled: bool = True
 
 
-def describe(status: dict[str, Any]) -> TrayView:
-    """Turn the agent's status answer into the tray's title and icon state (pure)."""
+NOT_RUNNING = TrayView("error", "wg-autopeer: agent not running", enabled=False)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def describe(status: Mapping[str, Any] | None) -> TrayView:
+    """Turn the agent's status answer into the tray's title and icon state (pure).
+
+    An error on any interface shows as the error icon even when another has
+    direct peers: the user has something to look at.
+    """
+    if status is None or not status.get("ok", True):
+        return NOT_RUNNING
     if not status.get("enabled", True):
-        return TrayView("idle", "wg-autopeer: paused")
+        return TrayView("idle", "wg-autopeer: paused (direct peering off)", enabled=False)
     parts: list[str] = []
-    state = "idle"
+    states: set[str] = set()
     for iface in status.get("interfaces", []):
+        name = iface.get("interface", "?")
         peers = iface.get("direct_peers") or []
         outcome = str(iface.get("last_outcome", ""))
-        if outcome.startswith(("server unreachable", "answer refused")):
-            parts.append(f"{iface['interface']}: server unreachable")
-            state = "error" if state != "active" else state
+        if outcome.startswith("server unreachable"):
+            parts.append(f"{name}: server unreachable")
+            states.add("error")
+        elif outcome.startswith("answer refused"):
+            parts.append(f"{name}: server answer refused")
+            states.add("error")
+        elif outcome.startswith(("the interface has no", "no hub peer")):
+            parts.append(f"{name}: {outcome}")
+            states.add("error")
         elif peers:
-            parts.append(f"{iface['interface']}: {len(peers)} direct peer(s)")
-            state = "active"
+            parts.append(f"{name}: {_plural(len(peers), 'direct peer')}")
+            states.add("active")
+        elif outcome == "no default gateway":
+            parts.append(f"{name}: no LAN (no default gateway)")
         else:
-            parts.append(f"{iface['interface']}: no LAN neighbours")
+            parts.append(f"{name}: no LAN neighbours")
+    state = next((s for s in ("error", "active") if s in states), "idle")
     return TrayView(state, "; ".join(parts) or "wg-autopeer: no WireGuard interface")
 
 
-def tray_skip_reason(env: dict[str, str] | None = None, euid: int | None = None) -> str | None:
-    """Why no tray can run here, or None when one can."""
-    env = dict(os.environ) if env is None else env
-    if (os.geteuid() if euid is None else euid) == 0:
-        return "running as root (the tray belongs to a desktop user's session)"
-    if not env.get("DISPLAY") and not env.get("WAYLAND_DISPLAY"):
-        return "no graphical session (neither DISPLAY nor WAYLAND_DISPLAY is set)"
+# -- where a tray can run ------------------------------------------------------------
+
+
+def x11_tray_host(env: Mapping[str, str]) -> str | None:
+    """Why no XEmbed tray host serves ``env["DISPLAY"]``, or None when one does.
+
+    A system tray owns the ``_NET_SYSTEM_TRAY_S<screen>`` selection
+    (freedesktop System Tray spec). python-xlib comes with pystray and, unlike
+    pystray, does not connect when imported.
+    """
+    name = env.get("DISPLAY", "")
+    try:
+        import Xlib.display
+        import Xlib.error
+        import Xlib.X
+    except ImportError:
+        return None  # cannot tell; pystray will say
+    try:
+        display = Xlib.display.Display(name)
+    except (Xlib.error.DisplayError, OSError, ValueError, OverflowError) as exc:
+        # OverflowError: python-xlib's TCP fallback for a display number above 59535.
+        return f"cannot open display {name!r}: {exc}"
+    try:
+        atom = display.intern_atom(f"_NET_SYSTEM_TRAY_S{display.get_default_screen()}")
+        owner = display.get_selection_owner(atom)
+    except Xlib.error.XError as exc:
+        return f"cannot ask display {name!r} for a system tray: {exc}"
+    finally:
+        display.close()
+    if getattr(owner, "id", owner) == Xlib.X.NONE:
+        return f"no system tray on display {name!r} (no _NET_SYSTEM_TRAY selection owner)"
     return None
 
 
-def draw_icon(state: str, size: int = 64) -> Any:
-    """A round badge: green when direct peers are up, grey when idle, red on error."""
-    from PIL import Image, ImageDraw
+def x11_embedded(env: Mapping[str, str], window_id: int) -> bool | None:
+    """Whether X11 window ``window_id`` sits inside another window (a tray host's
+    socket) rather than on the root; None when that cannot be told, or no tray
+    host is there to embed it."""
+    if x11_tray_host(env) is not None:
+        return None
+    try:
+        import Xlib.display
+        import Xlib.error
+    except ImportError:
+        return None
+    try:
+        display = Xlib.display.Display(env.get("DISPLAY", ""))
+    except (Xlib.error.DisplayError, OSError, ValueError, OverflowError):
+        return None
+    try:
+        tree = display.create_resource_object("window", window_id).query_tree()
+        return bool(tree.parent.id != display.screen().root.id)
+    except Xlib.error.XError:
+        return None
+    finally:
+        display.close()
 
-    colours = {"active": (46, 160, 67), "idle": (140, 140, 140), "error": (200, 40, 40)}
-    image = Image.new("RGBA", (size, size), (0, 0, 0, 0))
-    draw = ImageDraw.Draw(image)
-    draw.ellipse((4, 4, size - 4, size - 4), fill=colours.get(state, colours["idle"]))
-    # Two dots joined by a line: two peers talking directly.
-    r = size // 10
-    left, right, mid = (size // 3, size // 2), (2 * size // 3, size // 2), size // 2
-    draw.line((left, right), fill="white", width=max(2, size // 16))
-    for cx, cy in (left, right):
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill="white")
-    del mid
+
+def wayland_tray_host(env: Mapping[str, str]) -> str | None:
+    """Why a Wayland session without X11 cannot show our tray, or None.
+
+    There pystray needs its AppIndicator backend (PyGObject) and a
+    StatusNotifier host on the session bus; ``busctl`` tells us about the latter
+    when it is installed.
+    """
+    if importlib.util.find_spec("gi") is None:
+        return "Wayland without XWayland needs PyGObject (AppIndicator) for a tray icon"
+    busctl = shutil.which("busctl")
+    if busctl is None:
+        return None
+    try:
+        result = subprocess.run(
+            [busctl, "--user", "--no-pager", "status", "org.kde.StatusNotifierWatcher"],
+            env=dict(env),
+            capture_output=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if result.returncode != 0:
+        return "no StatusNotifier tray host on the session bus"
+    return None
+
+
+def default_host_probe(env: Mapping[str, str]) -> str | None:
+    """The tray host check that fits the session: X11 when there is a DISPLAY."""
+    if env.get("DISPLAY"):
+        return x11_tray_host(env)
+    return wayland_tray_host(env)
+
+
+def tray_skip_reason(
+    env: Mapping[str, str] | None = None,
+    euid: int | None = None,
+    *,
+    no_tray: bool = False,
+    host_probe: HostProbe = default_host_probe,
+) -> str | None:
+    """Why no tray can run here, or None when one can. The host probe runs last."""
+    env = os.environ if env is None else env
+    if no_tray:
+        return "--no-tray"
+    if (os.geteuid() if euid is None else euid) == 0 and env.get(ALLOW_ROOT_ENV) != "1":
+        return "running as root (the tray belongs to a desktop user's session)"
+    if not env.get("DISPLAY") and not env.get("WAYLAND_DISPLAY"):
+        return "no graphical session (neither DISPLAY nor WAYLAND_DISPLAY is set)"
+    return host_probe(env)
+
+
+# -- the icon ------------------------------------------------------------------------
+
+
+@cache
+def icon_image(state: str) -> Any:
+    """The icon for ``state`` (a PIL image), from the PNGs shipped in resources/."""
+    from PIL import Image
+
+    if state not in STATES:
+        state = "error"
+    path = resources.files("wg_autopeer") / "resources" / f"wg-autopeer-{state}.png"
+    with path.open("rb") as fh:
+        image = Image.open(fh)
+        image.load()
     return image
 
 
-class Tray:
-    """Runs pystray on its own thread; menu actions go to the agent over the socket."""
+@dataclass(frozen=True)
+class MenuEntry:
+    """One menu item, independent of pystray: ``action`` names a Tray method."""
 
-    def __init__(self, runtime_dir: Path, call: Any = localapi.call) -> None:
+    text: str
+    action: str
+    checkable: bool = False
+    default: bool = False  # what a click on the icon does (the only action on plain X11)
+
+
+MENU = (
+    MenuEntry("Re-sync", "resync", default=True),
+    MenuEntry("Enabled", "toggle_enabled", checkable=True),
+    MenuEntry("Quit", "quit"),
+)
+
+
+class Tray:
+    """The tray's state and menu actions; pystray runs on a thread of its own.
+
+    ``call`` sends one command to the agent (``localapi.call``; tests pass a
+    fake). ``quit_stops_agent``: whether "Quit" also stops the agent (true when
+    the tray lives inside the agent's process).
+    """
+
+    def __init__(
+        self,
+        runtime_dir: Path,
+        call: Call = localapi.call,
+        *,
+        quit_stops_agent: bool = False,
+        poll_seconds: float = POLL_SECONDS,
+    ) -> None:
         self.runtime_dir = runtime_dir
+        self.quit_stops_agent = quit_stops_agent
+        self.poll_seconds = poll_seconds
+        self.view = TrayView("idle", "wg-autopeer: starting")
+        self.finished = threading.Event()
+        self.shown = False
         self._call = call
         self._stop = threading.Event()
+        self._stop_lock = threading.Lock()
         self._icon: Any = None
-        self.enabled = True
+        self._thread: threading.Thread | None = None
 
-    # Menu actions: each is one command to the agent. Kept as methods so tests drive them.
+    @property
+    def enabled(self) -> bool:
+        return self.view.enabled
+
+    # Menu actions: each is one command to the agent, then a fresh look at its state.
     def resync(self, *_: Any) -> None:
         self._send("sync")
+        self.refresh()
 
     def toggle_enabled(self, *_: Any) -> None:
-        self.enabled = not self.enabled
-        self._send("enable" if self.enabled else "disable")
+        # Ask for the opposite of what the agent last said, then show what it says now.
+        self._send("disable" if self.view.enabled else "enable")
+        self.refresh()
 
     def quit(self, *_: Any) -> None:
-        self._send("quit")
+        if self.quit_stops_agent:
+            self._send("quit")
         self.stop()
 
     def _send(self, command: str) -> dict[str, Any] | None:
         try:
-            answer: dict[str, Any] = self._call(self.runtime_dir, command)
-            return answer
+            return self._call(self.runtime_dir, command)
         except localapi.AgentNotRunning as exc:
             log.warning("tray: %s", exc)
             return None
 
     def refresh(self) -> TrayView:
-        status = self._send("status")
-        view = describe(status) if status else TrayView("error", "wg-autopeer: agent not running")
-        if status is not None:
-            self.enabled = bool(status.get("enabled", True))
-        if self._icon is not None:
-            self._icon.icon = draw_icon(view.state)
-            self._icon.title = view.title
+        """Ask the agent for its state and show it (icon, title, Enabled check)."""
+        try:
+            status: dict[str, Any] | None = self._call(self.runtime_dir, "status")
+        except localapi.AgentNotRunning as exc:
+            log.debug("tray: %s", exc)
+            status = None
+        view = describe(status)
+        changed, self.view = view != self.view, view
+        icon = self._icon
+        if icon is not None and changed:
+            icon.icon = icon_image(view.state)
+            icon.title = view.title
+            icon.update_menu()
         return view
 
+    def build_menu(self, pystray: Any) -> Any:
+        """The pystray menu for MENU, bound to this tray's actions."""
+        items = []
+        for entry in MENU:
+            checked = (lambda _item: self.enabled) if entry.checkable else None
+            items.append(
+                pystray.MenuItem(
+                    entry.text, getattr(self, entry.action), checked=checked, default=entry.default
+                )
+            )
+        return pystray.Menu(*items)
+
+    # -- the pystray thread ---------------------------------------------------------
+
     def start(self) -> None:
-        threading.Thread(target=self._run, name="tray", daemon=True).start()
+        """Run pystray on its own thread; returns at once."""
+        self._thread = threading.Thread(target=self._run, name="tray", daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the tray has gone; True when it has."""
+        return self.finished.wait(timeout)
 
     def _run(self) -> None:
-        import pystray  # connects to the display: only now that a tray will run
+        try:
+            try:
+                import pystray  # connects to the display: only now that a tray will run
+            except Exception as exc:  # pystray raises whatever its backends raise
+                log.warning("no tray icon: pystray cannot run here: %s", exc)
+                return
+            backend = pystray.Icon.__module__.rsplit("_", 1)[-1]
+            icon_class = pystray.Icon
+            if backend == "xorg":
+                # pystray's own X11 icon has no menu and ignores clicks.
+                from wg_autopeer.tray_x11 import MenuIcon
 
-        menu = pystray.Menu(
-            pystray.MenuItem("Re-sync", self.resync),
-            pystray.MenuItem("Enabled", self.toggle_enabled, checked=lambda _: self.enabled),
-            pystray.MenuItem("Quit", self.quit),
-        )
-        self._icon = pystray.Icon("wg-autopeer", draw_icon("idle"), "wg-autopeer", menu)
+                icon_class = MenuIcon
+            self.refresh()
+            icon = icon_class(
+                "wg-autopeer",
+                icon_image(self.view.state),
+                self.view.title,
+                self.build_menu(pystray),
+            )
+            with self._stop_lock:
+                if self._stop.is_set():
+                    return
+                self._icon = icon
+            self.shown = True
+            log.info(
+                "tray icon shown (%s backend, menu: %s%s)",
+                backend,
+                ", ".join(e.text for e in MENU),
+                "" if icon.HAS_MENU else "; no menu on this backend: a click re-syncs",
+            )
+            icon.run(setup=self._poll)
+        except Exception:
+            log.exception("tray icon failed")
+        finally:
+            self.finished.set()
 
-        def poll(icon: Any) -> None:
-            icon.visible = True
-            while not self._stop.wait(POLL_SECONDS):
-                self.refresh()
+    def _poll(self, icon: Any) -> None:
+        icon.visible = True
+        # A dropped first dock request is common right after the tray host starts
+        # (a desktop session's autostart): look early the first time.
+        delay = min(0.5, self.poll_seconds)
+        while not self._stop.wait(delay):
+            self.refresh()
+            self._redock_if_dropped(icon)
+            delay = self.poll_seconds
 
-        self._icon.run(setup=poll)
+    def _redock_if_dropped(self, icon: Any) -> None:
+        """Ask the X11 tray host again when it has not embedded our icon.
+
+        A tray host can drop a dock request (seen with trayer right after it
+        starts) or restart; pystray's X11 backend would then stay an invisible
+        1x1 window for good. Hiding and showing sends a fresh request.
+        """
+        if not any(c.__module__ == "pystray._xorg" for c in type(icon).__mro__):
+            return
+        window = getattr(icon, "_window", None)  # pystray 0.19's X11 backend
+        if window is None or x11_embedded(os.environ, window.id) is not False:
+            return
+        log.info("tray icon: the tray host has not embedded it; asking again")
+        icon.visible = False
+        icon.visible = True
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._icon is not None:
-            self._icon.stop()
+        """Ask the icon to go and the tray thread to end; returns at once.
+
+        Safe from any thread (a signal handler, the agent's loop, a menu action)
+        and more than once. pystray's stop waits for its loop to answer, which
+        never comes when the display has gone away, so it runs on a helper thread;
+        ``wait`` tells when the tray has ended.
+        """
+        with self._stop_lock:
+            if self._stop.is_set():
+                return
+            self._stop.set()
+            icon = self._icon
+        if icon is not None:
+            threading.Thread(target=icon.stop, name="tray-stop", daemon=True).start()
+        elif self._thread is None:
+            self.finished.set()
 
 
-def start_tray_if_possible(runtime_dir: Path) -> Tray | None:
-    """Start the tray, or log in one line why not and return None."""
-    reason = tray_skip_reason()
+def start_tray_if_possible(runtime_dir: Path, *, no_tray: bool = False) -> Tray | None:
+    """Start the tray inside the agent, or log in one line why not and return None."""
+    reason = tray_skip_reason(no_tray=no_tray)
     if reason is not None:
         log.info("no tray icon: %s", reason)
         return None
-    tray = Tray(runtime_dir)
+    tray = Tray(runtime_dir, quit_stops_agent=True)
     tray.start()
     return tray
+
+
+# -- ``wg-autopeer tray``: the tray as its own process for a desktop user ----------------
+
+
+def add_parser(sub: Any) -> None:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "tray",
+        help="show a tray icon for the running agent (desktop user)",
+        description=(
+            "Show the agent's state in the system tray and drive it from the menu. "
+            "The user needs access to the agent's control socket (agent config "
+            "control_group). Never runs as root."
+        ),
+    )
+    parser.add_argument(
+        "--runtime-dir",
+        type=Path,
+        default=DEFAULT_RUNTIME_DIR,
+        metavar="DIR",
+        help=f"the agent's runtime dir, with its control socket (default {DEFAULT_RUNTIME_DIR})",
+    )
+    parser.add_argument(
+        "--wait-host",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="wait this long for the desktop's tray to appear (autostart races the panel)",
+    )
+    parser.set_defaults(run=run)
+
+
+def _wait_for_host(wait: float) -> str | None:
+    """tray_skip_reason, re-asking the host probe until ``wait`` seconds have passed."""
+    static = tray_skip_reason(host_probe=lambda _env: None)
+    if static is not None:
+        return static
+    deadline = time.monotonic() + wait
+    while True:
+        reason = default_host_probe(os.environ)
+        if reason is None or time.monotonic() >= deadline:
+            return reason
+        time.sleep(0.5)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``wg-autopeer tray``: exit 1 (one log line) when no tray can run here."""
+    reason = _wait_for_host(args.wait_host)
+    if reason is not None:
+        log.warning("no tray icon: %s", reason)
+        return 1
+    tray = Tray(args.runtime_dir)
+
+    asked_to_stop = threading.Event()
+
+    def on_signal(sig: int, frame: FrameType | None) -> None:
+        asked_to_stop.set()
+        tray.stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    tray.start()
+    # Wake up now and then so the signal handler runs promptly on the main thread.
+    while not tray.wait(1.0):
+        if asked_to_stop.is_set() and not tray.wait(STOP_GRACE_SECONDS):
+            log.warning("tray did not stop within %.0f s; leaving anyway", STOP_GRACE_SECONDS)
+            break
+    return 0 if tray.shown or asked_to_stop.is_set() else 1

@@ -15,7 +15,7 @@ from ipaddress import IPv4Interface, ip_network
 
 import pytest
 
-from conftest import LabFactory
+from labkit import LabFactory
 from wg_autopeer.lab import Lab
 from wg_autopeer.lab.lab import wait_for
 from wg_autopeer.lab.services import (

@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 from agent_keys import key
 
-from wg_autopeer.agent.ledger import InterfaceLedger, Ledger, LedgerPeer, LedgerStore
+from wg_autopeer.agent.ledger import (
+    CachedLedgerStore,
+    InterfaceLedger,
+    Ledger,
+    LedgerPeer,
+    LedgerStore,
+)
 from wg_autopeer.errors import LedgerError
 from wg_autopeer.wireguard.base import Endpoint
 
@@ -140,3 +146,15 @@ def test_unreadable_path_raises_ledger_error(store: LedgerStore) -> None:
     store.path.mkdir(parents=True)  # unreadable as a file, even for root
     with pytest.raises(LedgerError):
         store.load()
+
+
+def test_cached_store_reads_the_file_once_and_serves_its_own_writes(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "ledger.json"
+    LedgerStore(path).save(LEDGER)
+    cached = CachedLedgerStore(path)
+    assert cached.load() == LEDGER
+    path.write_text("garbage written behind the agent's back")
+    assert cached.load() == LEDGER  # served from memory, the file is not read again
+    cached.save(Ledger())
+    assert cached.load() == Ledger()
+    assert LedgerStore(path).load() == Ledger()  # and the write reached the disk

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LabFactory, unique_prefix
+from labkit import LabFactory, unique_prefix
 from wg_autopeer.cli import main
 from wg_autopeer.errors import LabError
 from wg_autopeer.lab import Lab, ProcessRecord, default_topology, list_namespaces

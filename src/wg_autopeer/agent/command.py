@@ -8,10 +8,11 @@ import json
 import logging
 import sys
 import time
+from ipaddress import ip_interface
 from pathlib import Path
 from typing import Any
 
-from wg_autopeer.agent import localapi
+from wg_autopeer.agent import localapi, notify
 from wg_autopeer.agent.config import DEFAULT_CONFIG, load_agent_config, overrides_from_args
 from wg_autopeer.errors import ConfigError, NetViewError
 
@@ -70,8 +71,13 @@ async def _serve(config: Any) -> int:
     control = open_control(config.uapi_dir)
     netview = open_netview(socket_dir=config.uapi_dir)
     agent = Agent(config, control, netview)
-    api = localapi.LocalApiServer(localapi.socket_path(config.runtime_dir), agent.handle_command)
+    api = localapi.LocalApiServer(
+        localapi.socket_path(config.runtime_dir), agent.handle_command, group=config.control_group
+    )
     await api.start()
+    ready = asyncio.create_task(
+        notify.ready_when(agent.first_sync_done, "first sync done"), name="notify-ready"
+    )
     tray = None
     if config.tray:
         from wg_autopeer.tray import start_tray_if_possible
@@ -80,6 +86,8 @@ async def _serve(config: Any) -> int:
     try:
         await agent.run()
     finally:
+        ready.cancel()
+        notify.stopping()
         if tray is not None:
             tray.stop()
         await api.close()
@@ -112,34 +120,82 @@ def run_sync(args: argparse.Namespace) -> int:
 
 
 def _age(seconds: float | None) -> str:
-    return "never" if seconds is None else f"{seconds:.0f}s ago"
+    if seconds is None:
+        return "never"
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds}s ago"
+    if seconds < 7200:
+        return f"{seconds // 60}m ago"
+    return f"{seconds // 3600}h ago"
 
 
-def format_status(answer: dict[str, Any]) -> str:
+def _bytes(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _lan(text: str) -> str:
+    """``eth0 192.168.50.10/24 via 192.168.50.1`` with its network spelled out."""
+    ifname, _, rest = text.partition(" ")
+    address, _, gateway = rest.partition(" via ")
+    try:
+        network = ip_interface(address).network
+    except ValueError:
+        return text
+    return f"{ifname} {address} (network {network}), gateway {gateway}"
+
+
+def format_status(answer: dict[str, Any], now: float | None = None) -> str:
     """The human form of ``status``: one block per interface, a table of direct peers."""
-    lines = [f"agent: {'enabled' if answer.get('enabled') else 'paused'}"]
-    now = time.time()
+    now = time.time() if now is None else now
+    enabled = bool(answer.get("enabled"))
+    head = f"agent: {'enabled' if enabled else 'paused (direct peering off)'}"
+    if answer.get("started_at"):
+        head += f", started {_age(now - answer['started_at'])}"
+    lines = [head]
+    if not answer.get("interfaces"):
+        lines.append("no WireGuard interface managed (none with a private key here?)")
     for iface in answer.get("interfaces", []):
         contact = iface.get("last_contact")
+        lans = [_lan(text) for text in iface.get("lan") or []]
+        if not lans:
+            lans = ["-" if not enabled else "none (no default gateway)"]
         lines += [
             "",
             f"interface {iface['interface']}",
-            f"  server:       {iface.get('server') or '-'}"
+            f"  server:        {iface.get('server') or '-'}"
             + (" (blocking queries)" if iface.get("blocking") else ""),
-            f"  last contact: {_age(now - contact if contact else None)}: {iface['last_outcome']}",
-            f"  LAN:          {', '.join(iface.get('lan') or []) or 'none (no default gateway)'}",
+            f"  last contact:  {_age(now - contact if contact else None)}: {iface['last_outcome']}",
+            *(f"  LAN:           {lan}" for lan in lans),
         ]
         peers = iface.get("direct_peers") or []
         if not peers:
-            lines.append("  direct peers: none")
+            lines.append("  direct peers:  none")
             continue
-        lines.append(
-            f"  {'PEER':<12} {'ENDPOINT':<22} {'HANDSHAKE':<11} {'RX':>10} {'TX':>10} HEALTH"
-        )
+        lines.append(f"  direct peers:  {len(peers)}")
+        rows = [("PEER", "TUNNEL IP", "ENDPOINT", "HANDSHAKE", "RX", "TX", "HEALTH")]
         for p in peers:
-            lines.append(
-                f"  {p['public_key'][:10] + '…':<12} {p['endpoint']:<22} "
-                f"{_age(p.get('handshake_age')):<11} {p['rx_bytes']:>10} {p['tx_bytes']:>10} "
-                f"{p['health']}"
+            rows.append(
+                (
+                    p["public_key"][:10] + "…",
+                    ", ".join(p.get("allowed_ips") or []) or "-",
+                    p["endpoint"],
+                    _age(p.get("handshake_age")),
+                    _bytes(p["rx_bytes"]),
+                    _bytes(p["tx_bytes"]),
+                    p["health"],
+                )
             )
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            cells = [
+                cell.rjust(width) if i in (4, 5) else cell.ljust(width)
+                for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+            ]
+            lines.append(("    " + "  ".join(cells)).rstrip())
     return "\n".join(lines)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from wg_autopeer.agent.localapi import group_id
 from wg_autopeer.errors import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/wg-autopeer/agent.toml")
@@ -32,6 +33,13 @@ class AgentConfig:
     handshake_timeout: float = 10.0
     handshake_stale_after: float = 180.0
     uapi_dir: Path = Path("/var/run/wireguard")
+    # Members of this group may use the control socket (tray, status); None: the owner only.
+    control_group: str | None = None
+    # False: the original polling design (no blocking query, no report on a network
+    # change, only every ``interval``); the benchmarks' baseline. Safety reactions stay.
+    push: bool = True
+    # Seconds to wait before the first report (the original design waited 5 s).
+    first_report_delay: float = 0.0
 
 
 _KEY_FORMS: dict[str, str] = {
@@ -46,6 +54,9 @@ _KEY_FORMS: dict[str, str] = {
     "handshake_timeout": "a number of seconds between 1 and 600",
     "handshake_stale_after": "a number of seconds between 30 and 3600",
     "uapi_dir": "a directory path",
+    "control_group": 'the name of an existing group, e.g. "netdev"',
+    "push": "true or false",
+    "first_report_delay": "a number of seconds between 0 and 600",
 }
 
 
@@ -66,7 +77,15 @@ def _coerce(key: str, value: Any) -> Any:
         if not isinstance(value, str) or not value:
             raise bad
         return Path(value)
-    if key == "tray":
+    if key == "control_group":
+        if not isinstance(value, str) or not value:
+            raise bad
+        try:
+            group_id(value)
+        except ConfigError:
+            raise ConfigError(key, f"expected {form}, got {value!r} (no such group)") from None
+        return value
+    if key in ("tray", "push"):
         if not isinstance(value, bool):
             raise bad
         return value
@@ -76,6 +95,7 @@ def _coerce(key: str, value: Any) -> Any:
         "persistent_keepalive": (1, 65535),
         "handshake_timeout": (1, 600),
         "handshake_stale_after": (30, 3600),
+        "first_report_delay": (0, 600),
     }
     low, high = limits[key]
     whole = key in ("wait", "persistent_keepalive")
@@ -102,7 +122,7 @@ def load_agent_config(
             if required:
                 raise ConfigError("--config", f"{path}: no such file") from None
             raw = {}
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError("(file)", f"{path} is not valid TOML: {exc}") from exc
         except OSError as exc:
             raise ConfigError("(file)", f"{path}: {exc.strerror}") from exc

@@ -254,6 +254,18 @@ class LedgerStore:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
 
+    def remove_stale_temp_files(self) -> int:
+        """Delete half-written ledgers a killed agent left (``.<name>.*.tmp``); how many.
+
+        Only at start-up: one agent owns the state dir, and no save of it runs yet.
+        """
+        removed = 0
+        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+                removed += 1
+        return removed
+
     def update_interface(self, name: str, ledger: InterfaceLedger) -> Ledger:
         """Replace the ledger of one interface on disk; returns the whole new ledger."""
         updated = self.load().with_interface(name, ledger)
@@ -273,3 +285,25 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+class CachedLedgerStore(LedgerStore):
+    """A ``LedgerStore`` that reads the file once and then serves its own writes.
+
+    The agent is the only writer of its ledger, so after the first read the copy in
+    memory is the truth; the health checker and every cycle read it without touching
+    the disk. Writes still go to disk first (atomically) and only then to the cache.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__(path)
+        self._cached: Ledger | None = None
+
+    def load(self) -> Ledger:
+        if self._cached is None:
+            self._cached = super().load()
+        return self._cached
+
+    def save(self, ledger: Ledger) -> None:
+        super().save(ledger)
+        self._cached = ledger

@@ -2,7 +2,9 @@
 
 ``wg-autopeer status``/``sync`` and the tray are thin clients of it. The socket
 lives in the runtime dir and is created mode 0600, so only the agent's owner
-(root, or the user running it) can drive the agent.
+(root, or the user running it) can drive the agent. With a ``group`` (agent
+config ``control_group``) it is mode 0660 owned by that group instead, so a
+desktop user in the group can run the tray and ``status`` against a root agent.
 
 Requests: ``{"command": "status" | "sync" | "enable" | "disable" | "quit"}``.
 Answers: ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import grp
 import json
 import logging
 import os
@@ -20,6 +23,8 @@ import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+from wg_autopeer.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +39,32 @@ def socket_path(runtime_dir: Path) -> Path:
     return runtime_dir / SOCKET_NAME
 
 
-class LocalApiServer:
-    """Serves the control socket; ``handler`` turns a command into an answer."""
+def group_id(group: str) -> int:
+    """The gid of ``group`` (a name or a number); ConfigError naming ``control_group``."""
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(
+            "control_group", f"expected the name of an existing group, got {group!r}"
+        ) from None
 
-    def __init__(self, path: Path, handler: Handler) -> None:
+
+class LocalApiServer:
+    """Serves the control socket; ``handler`` turns a command into an answer.
+
+    ``group``: also let this group's members connect (socket mode 0660).
+    """
+
+    def __init__(self, path: Path, handler: Handler, *, group: str | None = None) -> None:
         self.path = path
         self.handler = handler
+        self.gid = group_id(group) if group is not None else None
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._make_dir()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         old_umask = os.umask(0o177)
@@ -52,6 +73,46 @@ class LocalApiServer:
         finally:
             os.umask(old_umask)
         os.chmod(self.path, 0o600)
+        if self.gid is None:
+            return
+        try:
+            # chown before chmod: the socket is never group-writable for the wrong group.
+            os.chown(self.path, -1, self.gid)
+        except PermissionError:
+            # Without CAP_CHOWN a process may only pick one of its own groups. The
+            # agent still works; only the group's members are left out.
+            log.error(
+                "cannot give the control socket %s to group %d: the agent is not in it "
+                "(systemd: SupplementaryGroups=); only its owner can use the socket",
+                self.path,
+                self.gid,
+            )
+            return
+        os.chmod(self.path, 0o660)
+
+    def _make_dir(self) -> None:
+        """The runtime dir: private, or traversable by the control group."""
+        directory = self.path.parent
+        if not directory.exists():
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if self.gid is not None:
+                with contextlib.suppress(PermissionError):  # start() says why
+                    os.chown(directory, -1, self.gid)
+                    os.chmod(directory, 0o710)
+            return
+        if self.gid is None:
+            return
+        mode = directory.stat()
+        traversable = mode.st_mode & 0o001 or (mode.st_mode & 0o010 and mode.st_gid == self.gid)
+        if not traversable:
+            # Someone else made it (systemd's RuntimeDirectoryMode=): say why the group fails.
+            log.warning(
+                "control_group members cannot reach %s: %s is mode %o; "
+                "give it group execute permission (RuntimeDirectoryMode=0755 under systemd)",
+                self.path,
+                directory,
+                mode.st_mode & 0o777,
+            )
 
     async def close(self) -> None:
         if self._server is not None:
@@ -103,7 +164,8 @@ def call(runtime_dir: Path, command: str, timeout: float = 5.0) -> dict[str, Any
         raise AgentNotRunning(f"no agent is running (no socket at {path})") from exc
     except PermissionError as exc:
         raise AgentNotRunning(
-            f"not allowed to talk to the agent at {path}: run as its owner"
+            f"not allowed to talk to the agent at {path}: run as its owner, "
+            "or set control_group in the agent's config and join that group"
         ) from exc
     except OSError as exc:
         raise AgentNotRunning(f"agent at {path} did not answer: {exc}") from exc

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Sequence
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,20 @@ from wg_autopeer.wireguard.base import PeerState
 SERVER_PORT = 80
 
 
-def start_server(lab: Lab, *extra: str, log_name: str = "server") -> subprocess.Popen[bytes]:
-    """Start ``wg-autopeer server`` on the hub and wait until it answers /healthz."""
+def start_server(
+    lab: Lab,
+    *extra: str,
+    log_name: str = "server",
+    interface: str | None = None,
+    address: IPv4Address | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start ``wg-autopeer server`` on the hub and wait until it answers /healthz.
+
+    By default it serves the hub's first WireGuard device on its tunnel address;
+    ``interface`` and ``address`` pick another device (e.g. one from ``add_tunnel``).
+    """
     hub = lab.topology.hub.name
-    tunnel = lab.tunnel_ip(hub)
+    address = address or lab.tunnel_ip(hub)
     proc = lab.spawn(
         hub,
         [
@@ -31,11 +42,11 @@ def start_server(lab: Lab, *extra: str, log_name: str = "server") -> subprocess.
             "wg_autopeer",
             "server",
             "--interface",
-            lab.wg_interface(hub),
+            interface or lab.wg_interface(hub),
             "--db",
             ":memory:",
             "--listen",
-            f"{tunnel}:{SERVER_PORT}",
+            f"{address}:{SERVER_PORT}",
             *extra,
         ],
         log_name=log_name,
@@ -47,18 +58,9 @@ def start_server(lab: Lab, *extra: str, log_name: str = "server") -> subprocess.
                 f"server exited with {proc.returncode}: see {lab.log_path(log_name)}"
             )
         result = lab.run(
-            hub,
-            "curl",
-            "-s",
-            "-m",
-            "1",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            f"http://{tunnel}:{SERVER_PORT}/healthz",
-            check=False,
-        )
+            hub, "curl", "-s", "-m", "1", "-o", "/dev/null", "-w", "%{http_code}",
+            f"http://{address}:{SERVER_PORT}/healthz", check=False,
+        )  # fmt: skip
         return result.stdout.strip() == "200"
 
     if not wait_for(healthy, timeout=15.0, interval=0.1):
