@@ -30,7 +30,7 @@ from wg_autopeer.agent.backoff import Backoff
 from wg_autopeer.agent.client import PeeringClient, default_server_url
 from wg_autopeer.agent.config import AgentConfig
 from wg_autopeer.agent.health import Suppressions, judge
-from wg_autopeer.agent.ledger import InterfaceLedger, LedgerStore
+from wg_autopeer.agent.ledger import CachedLedgerStore, InterfaceLedger
 from wg_autopeer.agent.localapi import STATUS_VERSION, as_jsonable
 from wg_autopeer.agent.reconcile import Plan, apply, plan, removal_plan
 from wg_autopeer.agent.safety import DirectPeer, SafetyContext, filter_offers
@@ -53,6 +53,8 @@ T = TypeVar("T")
 MIN_REQUEST_SPACING = 1.0
 QUICK_ANSWERS_ALLOWED = 3
 HEALTH_TICK = 1.0
+# Refusals remembered so each is logged once: four full answers' worth (256 offers each).
+MAX_REMEMBERED_REFUSALS = 1024
 
 
 @dataclass
@@ -109,6 +111,8 @@ class InterfaceWorker:
         self._client: PeeringClient | None = None
         self._closing: set[asyncio.Future[None]] = set()
         self._backoff = Backoff(base=1.0, cap=60.0)
+        # Set once the first report has been tried (whatever its outcome): readiness.
+        self.first_cycle_done = asyncio.Event()
 
     # -- inputs -----------------------------------------------------------------
 
@@ -184,9 +188,12 @@ class InterfaceWorker:
 
     async def run(self) -> None:
         try:
+            if self.agent.config.first_report_delay > 0:
+                await asyncio.sleep(self.agent.config.first_report_delay)
             while True:
                 self.wake.clear()
                 delay = await self._cycle()
+                self.first_cycle_done.set()
                 if delay is None:
                     continue
                 with contextlib.suppress(TimeoutError):
@@ -195,6 +202,8 @@ class InterfaceWorker:
         except NoSuchInterface as exc:
             log.warning("%s: interface went away (%s); worker stops", self.interface, exc.reason)
         finally:
+            # A worker that dies still counts as done: readiness must not wait for it.
+            self.first_cycle_done.set()
             if self._client is not None:
                 await self._client.aclose()
                 self._client = None
@@ -206,8 +215,12 @@ class InterfaceWorker:
         snapshot = agent.snapshot
         uplinks = snapshot.lan_uplinks()
         if not agent.enabled or not uplinks:
-            await self.withdraw("paused" if not agent.enabled else "no default gateway")
+            why = "paused" if not agent.enabled else "no default gateway"
+            await self.withdraw(why)
+            # The health loop skips this state, so clear what `status` would show stale.
             self.status.lan = []
+            self.status.direct_peers = []
+            self._set_outcome(why, contact=False)
             return None if self.wake.is_set() else agent.config.interval
         self.status.lan = [f"{u.ifname} {u.address} via {u.gateway}" for u in uplinks]
         device = await agent.control.get_device(self.interface)
@@ -219,8 +232,12 @@ class InterfaceWorker:
             return agent.config.interval
         self.status.server = tunnel.server_url
         entries = self._entries(device, uplinks)
+        if agent.stopping.is_set():
+            # Shutdown is telling the server we leave; a report now would register us
+            # again and neighbours would add a peer that is about to go.
+            return agent.config.interval
         client = self._client_for(tunnel)
-        blocking = self._etag is not None and entries == self._etag_for
+        blocking = agent.config.push and self._etag is not None and entries == self._etag_for
         started = time.monotonic()
         try:
             result = await self._race(
@@ -258,7 +275,7 @@ class InterfaceWorker:
             self._set_outcome(
                 f"ok: {len(filtered.accepted)} neighbour(s), {len(filtered.refused)} refused"
             )
-        if result.blocking_supported and result.etag:
+        if agent.config.push and result.blocking_supported and result.etag:
             self._etag, self._etag_for = result.etag, entries
             # A held query that answers at once is normal after a change, but a server
             # that does it every time would make us spin: after a few in a row, pace.
@@ -281,10 +298,12 @@ class InterfaceWorker:
             return None
         finally:
             for pending in (task, waker):
-                if not pending.done():
-                    pending.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await pending
+                pending.cancel()
+            # Not `suppress(CancelledError)` around each await: a cancellation of this
+            # worker landing there (shutdown cancels it just as its held query returns)
+            # would be swallowed and the worker would report on, hanging shutdown.
+            # gather() re-raises our own cancellation and keeps theirs as results.
+            await asyncio.gather(task, waker, return_exceptions=True)
 
     def _client_for(self, tunnel: Tunnel) -> PeeringClient:
         host = urlsplit(tunnel.server_url).hostname or ""
@@ -306,6 +325,10 @@ class InterfaceWorker:
 
     def _log_refusal_once(self, pubkey: str, reason: str) -> None:
         if (pubkey, reason) not in self._refused_logged:
+            if len(self._refused_logged) >= MAX_REMEMBERED_REFUSALS:
+                # A server offering fresh junk keys in every answer must not grow this
+                # set without bound; forgetting only means a repeat is logged again.
+                self._refused_logged.clear()
             self._refused_logged.add((pubkey, reason))
             log.warning("%s: refused peer %.10s…: %s", self.interface, pubkey, reason)
 
@@ -377,11 +400,18 @@ class InterfaceWorker:
 
     async def check_health(self) -> None:
         """Drop direct peers that do not handshake; they fall back to the hub."""
-        ledger = self.agent.ledger_store.load().interface(self.interface)
-        if not len(ledger):
-            self.status.direct_peers = []
-            return
-        device = await self.agent.control.get_device(self.interface)
+        # Ledger and device are read under the apply lock: an apply writes the ledger
+        # first and the device next, so in between a peer being added would look as if
+        # something had taken it off the device, and fail for nothing.
+        async with self.agent.apply_lock:
+            ledger = self.agent.ledger_store.load().interface(self.interface)
+            if not len(ledger) and not self.accepted:
+                self.status.direct_peers = []
+                return
+            # An empty ledger with accepted offers still goes on: a peer whose suppression
+            # ran out is re-added below, even when it was the only one (the server's answer
+            # has not changed, so no new answer would bring it back).
+            device = await self.agent.control.get_device(self.interface)
         now = time.time()
         failed: list[str] = []
         peers: list[DirectPeerStatus] = []
@@ -438,13 +468,15 @@ class Agent:
         self.config = config
         self.control = control
         self.netview = netview
-        self.ledger_store = LedgerStore(Path(config.state_dir) / "ledger.json")
+        self.ledger_store = CachedLedgerStore(Path(config.state_dir) / "ledger.json")
         self.snapshot = NetSnapshot()
         self.workers: dict[str, InterfaceWorker] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.apply_lock = asyncio.Lock()
         self.enabled = True
         self.stopping = asyncio.Event()
+        # Set once every worker has finished its first report (systemd's READY=1).
+        self.first_sync_done = asyncio.Event()
         self.writes = 0
         self.started_at = time.time()
 
@@ -462,6 +494,7 @@ class Agent:
         background = [
             asyncio.create_task(self._watch_network(), name="netview"),
             asyncio.create_task(self._health_loop(), name="health"),
+            asyncio.create_task(self._mark_first_sync(), name="ready"),
         ]
         try:
             await self.stopping.wait()
@@ -472,6 +505,11 @@ class Agent:
             await self.shutdown()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+
+    async def _mark_first_sync(self) -> None:
+        """Set ``first_sync_done`` once the workers started at start-up have each reported."""
+        await asyncio.gather(*(w.first_cycle_done.wait() for w in list(self.workers.values())))
+        self.first_sync_done.set()
 
     def stop(self) -> None:
         log.info("stopping")
@@ -493,6 +531,9 @@ class Agent:
 
     async def recover(self) -> None:
         """Remove what a previous run left behind (crash, kill -9) before starting."""
+        stale = self.ledger_store.remove_stale_temp_files()
+        if stale:
+            log.info("removed %d half-written ledger file(s) of a previous run", stale)
         ledger = self.ledger_store.load()
         for interface in list(ledger.interfaces):
             worker = InterfaceWorker(self, interface)
@@ -551,7 +592,8 @@ class Agent:
                         await worker.rebind_hub()
                 except WireGuardError as exc:
                     log.error("%s: %s", worker.interface, exc)
-            self.resync("network change")
+            if self.config.push:
+                self.resync("network change")
 
     async def _health_loop(self) -> None:
         while True:
@@ -596,6 +638,8 @@ class Agent:
                 "version": STATUS_VERSION,
                 "enabled": self.enabled,
                 "started_at": self.started_at,
+                # WireGuard changes made since start: stays put while nothing changes.
+                "writes": self.writes,
                 "interfaces": as_jsonable(self.statuses()),
             }
         if command == "sync":

@@ -41,8 +41,10 @@ from wg_autopeer.lab.topology import (
     WAN_BRIDGE,
     WAN_IF,
     ClientSpec,
+    ExtraTunnel,
     LanSpec,
     Topology,
+    Uplink,
 )
 from wg_autopeer.wireguard.base import DeviceState, Endpoint, IPNetwork, PeerState
 
@@ -842,6 +844,194 @@ class Lab:
         if up:
             self._restore_default_route(host)
 
+    def restart_wireguard(self, host: str, *, delete_link: bool = False) -> None:
+        """Take ``host``'s WireGuard device away and bring it back, as ``wg-quick down``
+        then ``up`` would: same key, listen port and tunnel address, and only the peers
+        the lab configured (a client's hub peer; the hub's client peers). Peers added
+        since, by an agent or by hand, are gone with the old device.
+
+        ``delete_link`` deletes the interface under the running wireguard-go (which then
+        exits by itself) instead of stopping wireguard-go with SIGTERM.
+        """
+        self._require_up()
+        self._require_wg_host(host)
+        iface = self.topology.wg_interface(host)
+        sock = UAPI_DIR / f"{iface}.sock"
+        log_name = f"wireguard-go-{host}"
+        old = [r for r in self._state.processes if r.name == f"{host}:{log_name}"]
+        if delete_link:
+            self.run(host, "ip", "link", "del", "dev", iface)
+        for record in old:
+            ending = self._popens.get(record.pid)
+            if ending is None:
+                end_processes([record])
+                continue
+            if delete_link:
+                # It should exit by itself once its device is gone; stop() ends it if not.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    ending.wait(timeout=_TERM_TIMEOUT)
+            self.stop(ending)
+
+        def gone() -> bool:
+            absent = self.run(host, "ip", "link", "show", "dev", iface, check=False).returncode
+            return not sock.exists() and absent != 0
+
+        if not wait_for(gone, _WG_START_TIMEOUT):
+            raise LabError(f"{iface}: device or UAPI socket still there after wireguard-go ended")
+        proc = self.spawn(
+            host,
+            ["wireguard-go", "-f", iface],
+            log_name=log_name,
+            env={"WG_PROCESS_FOREGROUND": "1", "LOG_LEVEL": "error"},
+        )
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise LabError(f"{iface}: wireguard-go exited with {proc.returncode}")
+            return sock.exists()
+
+        if not wait_for(ready, _WG_START_TIMEOUT):
+            raise LabError(f"{iface}: no UAPI socket within {_WG_START_TIMEOUT:g} s")
+        hub = self.topology.hub
+        spec = hub if host == hub.name else self.topology.client(host)
+        self.run(
+            host,
+            "wg", "set", iface,
+            "private-key", str(self.private_key_file(host)),
+            "listen-port", str(spec.listen_port),
+        )  # fmt: skip
+        self._ip(self.ns(host), f"addr add {spec.tunnel} dev {iface}", f"link set {iface} up")
+        if host == hub.name:
+            for client in self.topology.clients:
+                self.run(
+                    host,
+                    "wg", "set", iface,
+                    "peer", self.public_key(client.name),
+                    "allowed-ips", f"{client.tunnel.ip}/32",
+                )  # fmt: skip
+            return
+        client = self.topology.client(host)
+        peer_args = [
+            "peer", self.public_key(hub.name),
+            "allowed-ips", str(hub.tunnel.network),
+            "endpoint", f"{hub.wan.ip}:{hub.listen_port}",
+        ]  # fmt: skip
+        if client.keepalive is not None:
+            peer_args += ["persistent-keepalive", str(client.keepalive)]
+        self.run(host, "wg", "set", iface, *peer_args)
+
+    def add_uplink(self, host: str, lan: str, address: IPv4Interface, *, metric: int) -> str:
+        """Give client ``host`` one more LAN link, into ``lan``'s bridge, with ``address`` and a
+        default route via that LAN's gateway at ``metric``; returns the link's name there.
+
+        The link is ``eth1``, ``eth2``… (the first free one) in the client's namespace,
+        ``<host>-1``, ``<host>-2``… on the bridge. Nothing more needs recording for
+        teardown: a veth dies with its namespace. ``link_set`` still drives only the
+        first link; take this one down with ``run(host, "ip", "link", "set", ...)``.
+        """
+        self._require_up()
+        spec = Uplink(host, lan, address, metric)
+        problems = spec.problems(self.topology)
+        if problems:
+            raise LabError(f"lab {self.prefix}: " + "; ".join(problems))
+        ns = self.ns(host)
+
+        def taken(ifname: str) -> bool:
+            return (
+                _run(["ip", "-n", ns, "link", "show", "dev", ifname], check=False).returncode == 0
+            )
+
+        number = next((n for n in range(1, 10) if not taken(f"eth{n}")), None)
+        if number is None:
+            raise LabError(f"lab {self.prefix}: {host} has no free uplink name left")
+        ifname, gateway = f"eth{number}", self.topology.lan(lan).gateway.ip
+        self._plug(host, f"{host}-{number}", ifname, lan)
+        self._ip(
+            ns,
+            f"addr add {address} dev {ifname}",
+            f"link set {ifname} up",
+            f"route add default via {gateway} dev {ifname} metric {metric}",
+        )
+        return ifname
+
+    def add_tunnel(
+        self,
+        name: str,
+        network: IPv4Interface,
+        clients: Mapping[str, IPv4Interface],
+        listen_port: int,
+        *,
+        wait_handshake: bool = True,
+    ) -> ExtraTunnel:
+        """A second (third…) WireGuard network: one more device on the hub with ``network``
+        as its address, and on each of ``clients`` with its address there.
+
+        Every end gets a new key and its own recorded wireguard-go listening on
+        ``listen_port``; each client has the hub as its only peer (endpoint the hub's
+        WAN address and that port, the whole tunnel network routed to it, the client's
+        keepalive). Waits, like ``up``, until the hub saw a handshake from each client
+        that keeps alive. Device names are ``ExtraTunnel.interface``'s.
+        """
+        self._require_up()
+        spec = ExtraTunnel(name, network, dict(clients), listen_port)
+        problems = spec.problems(self.topology)
+        hosts = spec.hosts(self.topology)
+        problems += [
+            f"{iface}: UAPI socket already exists"
+            for iface in (spec.interface(self.topology, h) for h in hosts)
+            if (UAPI_DIR / f"{iface}.sock").exists()
+        ]
+        if problems:
+            raise LabError(f"lab {self.prefix}: " + "; ".join(problems))
+        for host in hosts:
+            self._start_wireguard(
+                host,
+                spec.address(self.topology, host),
+                listen_port,
+                iface=spec.interface(self.topology, host),
+                key_name=spec.key_name(host),
+            )
+        spec = dataclasses.replace(
+            spec, public_keys={h: self._state.public_keys[spec.key_name(h)] for h in hosts}
+        )
+        hub = self.topology.hub
+        hub_iface = spec.interface(self.topology, hub.name)
+        for host, address in spec.clients.items():
+            # The hub must know the client before the client's first keepalive arrives.
+            self.run(
+                hub.name,
+                "wg", "set", hub_iface,
+                "peer", spec.public_key(host), "allowed-ips", f"{address.ip}/32",
+            )  # fmt: skip
+            peer_args = [
+                "peer", spec.public_key(hub.name),
+                "allowed-ips", str(network.network),
+                "endpoint", f"{hub.wan.ip}:{listen_port}",
+            ]  # fmt: skip
+            keepalive = self.topology.client(host).keepalive
+            if keepalive is not None:
+                peer_args += ["persistent-keepalive", str(keepalive)]
+            self.run(host, "wg", "set", spec.interface(self.topology, host), *peer_args)
+        if wait_handshake:
+            waiting = [
+                spec.public_key(h) for h in spec.clients if self.topology.client(h).keepalive
+            ]
+
+            def all_seen() -> bool:
+                dump = self.run(hub.name, "wg", "show", hub_iface, "dump").stdout
+                device = parse_wg_dump(hub_iface, dump)
+                return all(
+                    (peer := device.peer(key)) is not None and peer.latest_handshake is not None
+                    for key in waiting
+                )
+
+            if not wait_for(all_seen, _HANDSHAKE_TIMEOUT):
+                raise LabError(
+                    f"lab {self.prefix}: {hub_iface} saw no handshake from some of"
+                    f" {list(spec.clients)} within {_HANDSHAKE_TIMEOUT:g} s"
+                )
+        return spec
+
     # ---------------------------------------------------------------- building blocks
 
     def _require_up(self) -> None:
@@ -976,19 +1166,29 @@ class Lab:
         self._private_key_files[host] = key_file
         self._state.public_keys[host] = public
 
-    def _start_wireguard(self, host: str, tunnel: IPv4Interface, listen_port: int) -> None:
-        iface = self.topology.wg_interface(host)
+    def _start_wireguard(
+        self,
+        host: str,
+        tunnel: IPv4Interface,
+        listen_port: int,
+        *,
+        iface: str | None = None,
+        key_name: str | None = None,
+    ) -> None:
+        # A further device on the host (add_tunnel) brings its own name and key name.
+        iface = iface or self.topology.wg_interface(host)
+        key_name = key_name or host
         sock = UAPI_DIR / f"{iface}.sock"
         if sock.exists():
             raise LabError(f"{iface}: UAPI socket {sock} already exists (another lab?)")
-        self._generate_key(host)
+        self._generate_key(key_name)
         self._state.interfaces.append(iface)
         self._state.sockets.append(str(sock))
         self._save()
         proc = self.spawn(
             host,
             ["wireguard-go", "-f", iface],
-            log_name=f"wireguard-go-{host}",
+            log_name=f"wireguard-go-{key_name}",
             env={"WG_PROCESS_FOREGROUND": "1", "LOG_LEVEL": "error"},
         )
 
@@ -996,7 +1196,7 @@ class Lab:
             if proc.poll() is not None:
                 raise LabError(
                     f"{iface}: wireguard-go exited with {proc.returncode}; "
-                    f"see {self.log_path(f'wireguard-go-{host}')}"
+                    f"see {self.log_path(f'wireguard-go-{key_name}')}"
                 )
             return sock.exists()
 
@@ -1005,7 +1205,7 @@ class Lab:
         self.run(
             host,
             "wg", "set", iface,
-            "private-key", str(self._private_key_files[host]),
+            "private-key", str(self._private_key_files[key_name]),
             "listen-port", str(listen_port),
         )  # fmt: skip
         self._ip(self.ns(host), f"addr add {tunnel} dev {iface}", f"link set {iface} up")

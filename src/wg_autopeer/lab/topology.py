@@ -17,6 +17,7 @@ Naming, derived from the prefix so several labs can run side by side:
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
@@ -261,6 +262,128 @@ class Topology:
                 problems.append(f"{client.name}: keepalive {client.keepalive} is out of range")
         if self.hub.rate_mbit is not None and self.hub.rate_mbit <= 0:
             problems.append(f"hub rate {self.hub.rate_mbit} Mbit/s must be positive")
+        return problems
+
+
+_TUNNEL_NAME_RE = re.compile(r"^[a-z0-9]{1,4}$")
+
+
+@dataclass(frozen=True)
+class Uplink:
+    """A further LAN link of a client beside its first (Wi-Fi beside Ethernet, say).
+
+    ``Lab.add_uplink`` builds it: ``ifname`` in the client's namespace, plugged into
+    LAN ``lan``'s bridge through ``switch_end``, with its own default route.
+    """
+
+    host: str
+    lan: str
+    address: IPv4Interface
+    metric: int
+    ifname: str = ""
+    switch_end: str = ""
+
+    def problems(self, topology: Topology) -> list[str]:
+        """Why this uplink cannot join ``topology``; empty when it can."""
+        problems: list[str] = []
+        if self.host not in {c.name for c in topology.clients}:
+            problems.append(f"uplink: {self.host!r} is not a client")
+        if self.lan not in {lan.name for lan in topology.lans}:
+            return [*problems, f"uplink: no LAN named {self.lan!r}"]
+        lan = topology.lan(self.lan)
+        taken = {lan.gateway.ip, *(c.address.ip for c in topology.clients if c.lan == lan.name)}
+        if self.address.network != lan.network:
+            problems.append(f"uplink {self.host}: {self.address} is not in {lan.network}")
+        elif self.address.ip in (lan.network.network_address, lan.network.broadcast_address):
+            problems.append(f"uplink {self.host}: {self.address} is not a host address")
+        if self.address.ip in taken:
+            problems.append(f"uplink {self.host}: {self.address.ip} is already taken on {lan.name}")
+        if not 0 <= self.metric <= 0xFFFFFFFF:
+            problems.append(f"uplink {self.host}: metric {self.metric} is out of range")
+        return problems
+
+
+@dataclass(frozen=True)
+class ExtraTunnel:
+    """A further WireGuard network beside the lab's first: the hub and some clients each get
+    one more device, with its own key, ``listen_port`` (the same on every end) and addresses.
+
+    Devices are named ``<prefix>-<host>-<name>``: the hyphen keeps them apart from the
+    first devices ``<prefix>-<host>`` of any host (host names have none), and the prefix
+    keeps them apart from other labs. ``public_keys`` is filled once the lab built it.
+    """
+
+    name: str
+    hub: IPv4Interface
+    clients: Mapping[str, IPv4Interface]
+    listen_port: int
+    public_keys: Mapping[str, str] = field(default_factory=dict)
+
+    def hosts(self, topology: Topology) -> tuple[str, ...]:
+        """The hub first, then the clients, each getting a device of this tunnel."""
+        return (topology.hub.name, *self.clients)
+
+    def interface(self, topology: Topology, host: str) -> str:
+        """This tunnel's device on ``host``; unique host-wide."""
+        return f"{topology.wg_interface(host)}-{self.name}"
+
+    def key_name(self, host: str) -> str:
+        """Under which name the lab keeps ``host``'s key for this tunnel."""
+        return f"{host}-{self.name}"
+
+    def address(self, topology: Topology, host: str) -> IPv4Interface:
+        return self.hub if host == topology.hub.name else self.clients[host]
+
+    def public_key(self, host: str) -> str:
+        try:
+            return self.public_keys[host]
+        except KeyError:
+            raise LabError(f"tunnel {self.name}: {host} has no key (not built yet?)") from None
+
+    def problems(self, topology: Topology) -> list[str]:
+        """Why this tunnel cannot join ``topology``; empty when it can."""
+        problems: list[str] = []
+        if not _TUNNEL_NAME_RE.match(self.name):
+            problems.append(f"tunnel name {self.name!r} must be 1-4 lower-case letters/digits")
+        clients = {c.name: c for c in topology.clients}
+        for host in self.clients:
+            if host not in clients:
+                problems.append(f"tunnel {self.name}: {host!r} is not a client")
+        for host in self.hosts(topology):
+            name = self.interface(topology, host)
+            if len(name) > IFNAMSIZ:
+                problems.append(
+                    f"WireGuard interface {name!r} is longer than {IFNAMSIZ} characters"
+                )
+        network = self.hub.network
+        if self.hub.ip in (network.network_address, network.broadcast_address):
+            problems.append(f"tunnel {self.name}: hub address {self.hub} is not a host address")
+        taken = [topology.wan, topology.hub.tunnel.network, *(lan.network for lan in topology.lans)]
+        for other in taken:
+            if network.overlaps(other):
+                problems.append(f"tunnel {self.name}: {network} overlaps {other}")
+        owners: dict[IPv4Address, str] = {self.hub.ip: topology.hub.name}
+        for host, address in self.clients.items():
+            if address.network != network:
+                problems.append(f"tunnel {self.name}: {host}'s {address} is not in {network}")
+            elif address.ip in (network.network_address, network.broadcast_address):
+                problems.append(f"tunnel {self.name}: {host}'s {address} is not a host address")
+            if address.ip in owners:
+                problems.append(
+                    f"tunnel {self.name}: {host}'s {address.ip} is already {owners[address.ip]}'s"
+                )
+            owners.setdefault(address.ip, host)
+        if not 1 <= self.listen_port <= 65535:
+            problems.append(f"tunnel {self.name}: listen port {self.listen_port} is out of range")
+        # Each end shares its namespace with that host's first device.
+        clashes = [topology.hub.name] if self.listen_port == topology.hub.listen_port else []
+        clashes += [
+            h for h in self.clients if h in clients and clients[h].listen_port == self.listen_port
+        ]
+        for host in clashes:
+            problems.append(
+                f"tunnel {self.name}: listen port {self.listen_port} is already {host}'s"
+            )
         return problems
 
 

@@ -20,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,6 +35,18 @@ from wg_autopeer.wireguard.base import IPAddress, IPNetwork, is_valid_key
 DEFAULT_CONFIG_PATH = Path("/etc/wg-autopeer/server.toml")
 DEFAULT_DB_PATH = "/var/lib/wg-autopeer/server.db"
 DEFAULT_PORT = 80
+KNOWN_KEYS = (
+    "interface",
+    "listen",
+    "db",
+    "handshake_max_age",
+    "ttl",
+    "refresh_interval",
+    "unknown_source_refresh_gap",
+    "trusted_proxies",
+    "metrics_sources",
+    "policy",
+)
 
 
 @dataclass(frozen=True)
@@ -91,20 +104,25 @@ class ServerConfig:
 
 
 def _positive(key: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ConfigError(key, "expected a positive number of seconds")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigError(key, f"expected a positive number of seconds, got {value!r}")
     return float(value)
 
 
 def _string(key: str, value: object) -> str:
     if not isinstance(value, str) or not value:
-        raise ConfigError(key, "expected a non-empty string")
+        raise ConfigError(key, f"expected a non-empty string, got {value!r}")
     return value
 
 
 def _string_list(key: str, value: object) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(key, "expected a list of strings")
+        raise ConfigError(key, f"expected a list of strings, got {value!r}")
     return list(value)
 
 
@@ -155,7 +173,7 @@ def config_from_mapping(
         elif key == "policy":
             changes[key] = _policy(value)
         else:
-            raise ConfigError(key, "unknown key")
+            raise ConfigError(key, f"unknown key (known keys: {', '.join(KNOWN_KEYS)})")
     return config.replace(**changes)
 
 
@@ -167,12 +185,14 @@ def load_config(path: Path | None = None) -> ServerConfig:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         if explicit:
-            raise ConfigError(str(path), "configuration file not found") from None
+            raise ConfigError("--config", f"{path}: no such file") from None
         return ServerConfig()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(str(path), f"cannot read: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError("(file)", f"{path} is not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError("(file)", f"{path}: {exc.strerror}") from exc
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(str(path), f"not valid TOML: {exc}") from exc
+        raise ConfigError("(file)", f"{path} is not valid TOML: {exc}") from exc
     return config_from_mapping(data)
