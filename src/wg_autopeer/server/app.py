@@ -51,6 +51,9 @@ from wg_autopeer.wireguard.base import IPAddress, WireGuardControl
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("wg_autopeer.server.access")
 
+# How long a leave is remembered, to refuse reports that were in flight when it came.
+LEFT_MEMORY_S = 60.0
+
 
 class Coordinator:
     """Registry + hub view + metrics, and the background work that keeps them true."""
@@ -66,8 +69,12 @@ class Coordinator:
     ) -> None:
         self.config = config
         self.clock = clock
+        self.monotonic = monotonic
         # Blocking queries waiting right now.
         self.waiting = 0
+        # When each key last left (DELETE), monotonic: a report that arrived before
+        # its client's leave but finished after it must not register that client again.
+        self.left_at: dict[str, float] = {}
         self.registry = Registry(config.policy, store)
         self.hub = HubView(
             control,
@@ -117,6 +124,15 @@ class Coordinator:
 
     def sweep(self) -> None:
         self._count(self.registry.sweep(self.clock()))
+        # A report is over long before this: reads of the hub are its only waits.
+        horizon = self.monotonic() - LEFT_MEMORY_S
+        for key in [k for k, t in self.left_at.items() if t < horizon]:
+            del self.left_at[key]
+
+    def left_since(self, pubkey: str, moment: float) -> bool:
+        """True when ``pubkey`` left (DELETE) at or after ``moment`` (monotonic)."""
+        left = self.left_at.get(pubkey)
+        return left is not None and left >= moment
 
     async def run(self) -> None:
         """Background loop until cancelled."""
@@ -155,7 +171,9 @@ async def read_capped_body(request: Request) -> bytes:
     """The body, refusing (413) past ``MAX_BODY_BYTES`` without reading further."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.strip().isdigit():
+        declared = declared.strip()
+        # str.isdigit() also accepts digits int() refuses, such as "²" (latin-1 0xB2).
+        if not (declared.isascii() and declared.isdigit()):
             raise Refusal(400, "bad_request", "Content-Length is not a number")
         if int(declared) > MAX_BODY_BYTES:
             raise Refusal(413, "too_large", f"body over {MAX_BODY_BYTES} bytes")
@@ -328,7 +346,10 @@ class RequestLogMiddleware:
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "bad JSON, invalid field, empty or too long list"},
     403: {"model": ErrorBody, "description": "source not in the tunnel, or not the key's owner"},
-    409: {"model": ErrorBody, "description": "the caller's latest handshake is too old"},
+    409: {
+        "model": ErrorBody,
+        "description": "the caller's latest handshake is too old, or it left meanwhile",
+    },
     413: {"model": ErrorBody, "description": f"body over {MAX_BODY_BYTES} bytes"},
     415: {"model": ErrorBody, "description": "Content-Type is not application/json"},
 }
@@ -447,25 +468,34 @@ def create_app(
                 raise Refusal(
                     403, "forbidden", "pubkey is not the key that owns this tunnel address"
                 )
-            peer = await fresh_peer(request, peer)
+            peer = await fresh_peer(request, peer, arrived)
             registration = build_registration(peer, entries)
             # A new or moved LAN usually means the client just roamed: its first
             # packets from the new address reached the hub before this request did,
             # so a view read now has its new endpoint, while the cache may predate it.
             moved = not registration.same_content(core.registry.get(peer.public_key))
             if moved and await core.hub.refresh_since(arrived):
-                peer = await fresh_peer(request, await identify(request))
+                peer = await fresh_peer(request, await identify(request), arrived)
                 registration = build_registration(peer, entries)
+            if core.left_since(peer.public_key, arrived):
+                # The client's last report racing its own leave (an agent shutting down):
+                # registering it now would offer its neighbours a peer that is gone.
+                raise Refusal(
+                    409, "left_in_flight", "the client left while this report was in flight"
+                )
         except Refusal as refusal:
             return refused(request, refusal)
         core.registry.put(registration)
         return await answer(request, peer.public_key)
 
-    async def fresh_peer(request: Request, peer: HubPeer) -> HubPeer:
+    async def fresh_peer(request: Request, peer: HubPeer, arrived: float) -> HubPeer:
         if core.handshake_is_fresh(peer) and peer.public_ip is not None:
             return peer
-        # The cache may predate the latest handshake: look once more before refusing.
-        if await core.hub.refresh_soon():
+        # The cache may predate the latest handshake: a request that came through the
+        # tunnel at all rode on a live session, so read the hub once more (a read that
+        # started after this request arrived, shared with concurrent callers) before
+        # refusing.
+        if await core.hub.refresh_since(arrived):
             again = await identify(request)
             if again.public_key == peer.public_key:
                 peer = again
@@ -485,7 +515,9 @@ def create_app(
             pubkey=peer.public_key,
             tunnel_ips=peer.tunnel_ips,
             public_ip=peer.public_ip,
-            lans=tuple(sorted({ReportedLan.from_entry(e) for e in entries})),
+            lans=tuple(
+                sorted({ReportedLan.from_entry(e) for e in entries}, key=ReportedLan.sort_key)
+            ),
             expires_at=core.clock() + config.ttl,
         )
 
@@ -536,6 +568,7 @@ def create_app(
             peer = await identify(request)
         except Refusal as refusal:
             return refused(request, refusal)
+        core.left_at[peer.public_key] = monotonic()
         core.registry.remove(peer.public_key, "left")
         request.state.outcome = "left"
         return Response(status_code=204)

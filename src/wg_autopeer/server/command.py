@@ -27,9 +27,6 @@ from wg_autopeer.server.config import (
 
 log = logging.getLogger(__name__)
 
-# Blocking queries hold connections up to 60 s; on shutdown give them this long, then cut.
-GRACEFUL_SHUTDOWN_S = 2
-
 
 def add_parser(sub: Any) -> None:
     parser: argparse.ArgumentParser = sub.add_parser(
@@ -149,25 +146,13 @@ async def serve(config: ServerConfig, sockets: list[socket.socket], stop: StopSi
                 notify.ready(f"serving {config.interface}")
 
     from wg_autopeer.server.app import create_app
+    from wg_autopeer.server.http import uvicorn_config
     from wg_autopeer.wireguard import open_control
 
     control = open_control()
     try:
         app = create_app(config, control)
-        server = Server(
-            uvicorn.Config(
-                app,
-                # Identity is the TCP peer address: never let proxy headers rewrite it.
-                proxy_headers=False,
-                forwarded_allow_ips=None,
-                server_header=False,
-                date_header=True,
-                access_log=False,
-                log_config=None,
-                lifespan="on",
-                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-            )
-        )
+        server = Server(uvicorn_config(app))
         stop.attach(server)
         await server.serve(sockets=sockets)
     finally:

@@ -48,6 +48,21 @@ class ReportedLan:
     def from_entry(cls, entry: LanEntry) -> ReportedLan:
         return cls(entry.ip, entry.netmask, entry.gateway, entry.listen_port)
 
+    def sort_key(self) -> tuple[int, int, str, int, int, int, str, bool, int]:
+        """A total order for any two entries; the dataclass order is not one: IPv4 and IPv6
+        addresses refuse to compare, and so do None and an int ``listen_port``."""
+        return (
+            self.address.version,
+            int(self.address),
+            str(self.address),
+            self.prefix,
+            self.gateway.version,
+            int(self.gateway),
+            str(self.gateway),
+            self.listen_port is None,
+            self.listen_port or 0,
+        )
+
 
 @dataclass(frozen=True)
 class GroupKey:
