@@ -1,0 +1,1 @@
+"""wg-autopeer's benchmarks (issue 6): ``python -m bench.run [--quick]``."""

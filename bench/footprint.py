@@ -1,0 +1,234 @@
+"""Agent footprint: memory, CPU and wake-ups of an idle agent with 2 WireGuard interfaces
+and 10 direct peers; WireGuard writes when nothing changes.
+
+The lab: one LAN holding alice and ten neighbours n0…n9, and a second WireGuard
+network ``t2`` (a second device on the hub, with its own server) joining alice and
+n5…n9. n0…n4 run their agent on the first network only, n5…n9 on the second only,
+so alice — whose agent manages both of her interfaces — ends up with five real,
+handshaking direct peers on each. Then alice's agent is left alone:
+
+* RSS, CPU seconds and context switches (voluntary + involuntary, every thread:
+  each one is a wake-up of some thread) of her agent process over the window;
+* the agent's own count of WireGuard writes (``status`` → ``writes``) over the same
+  window, in which its health loop re-plans both interfaces every second and a
+  re-sync is requested every 10 s;
+* then alice's agent in polling mode, where every re-sync is a full request, answer,
+  safety filter and reconcile: writes over ten such re-syncs of an unchanged LAN.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from ipaddress import IPv4Interface
+from typing import Any
+
+from bench.common import (
+    Options,
+    PartResult,
+    ProcSample,
+    Row,
+    agent_status,
+    bench_lab,
+    log,
+    read_device,
+    require,
+    sample_process,
+    start_agent_in_mode,
+    wait_quietly,
+)
+from wg_autopeer.lab import ClientSpec, HubSpec, Lab, LanSpec, Topology
+from wg_autopeer.lab.services import SERVER_PORT, agent_call, start_agent, start_server
+
+PART = "Agent footprint"
+NEIGHBOURS = 10
+SECOND = "t2"
+SECOND_HUB = IPv4Interface("10.98.0.1/24")
+SECOND_PORT = 51821
+
+
+def footprint_topology(prefix: str) -> Topology:
+    lan = LanSpec(
+        name="lan1",
+        router="r1",
+        wan=IPv4Interface("203.0.113.10/24"),
+        gateway=IPv4Interface("192.168.50.1/24"),
+    )
+    clients = [
+        ClientSpec(
+            "alice", "lan1", IPv4Interface("192.168.50.10/24"), IPv4Interface("10.99.0.2/24")
+        )
+    ]
+    clients += [
+        ClientSpec(
+            f"n{i}",
+            "lan1",
+            IPv4Interface(f"192.168.50.{20 + i}/24"),
+            IPv4Interface(f"10.99.0.{10 + i}/24"),
+        )
+        for i in range(NEIGHBOURS)
+    ]
+    topology = Topology(prefix=prefix, hub=HubSpec(), lans=(lan,), clients=tuple(clients))
+    topology.validate()
+    return topology
+
+
+def start_second_server(lab: Lab, interface: str) -> None:
+    hub = lab.topology.hub.name
+    lab.spawn(
+        hub,
+        [
+            sys.executable, "-m", "wg_autopeer", "server",
+            "--interface", interface, "--db", ":memory:",
+            "--listen", f"{SECOND_HUB.ip}:{SERVER_PORT}",
+        ],
+        log_name="server-t2",
+    )  # fmt: skip
+
+    def healthy() -> bool:
+        result = lab.run(
+            hub,
+            "curl", "-s", "-m", "1", "-o", "/dev/null", "-w", "%{http_code}",
+            f"http://{SECOND_HUB.ip}:{SERVER_PORT}/healthz",
+            check=False,
+        )  # fmt: skip
+        return result.stdout.strip() == "200"
+
+    wait_quietly(healthy, 15, "the second server never became healthy")
+
+
+def direct_up(interfaces: list[str], hub_keys: set[str]) -> int:
+    """Direct peers with a handshake over alice's interfaces."""
+    count = 0
+    for iface in interfaces:
+        for peer in read_device(iface).peers:
+            if peer.public_key not in hub_keys and peer.latest_handshake:
+                count += 1
+    return count
+
+
+def writes(lab: Lab) -> int:
+    return int(agent_status(lab, "alice")["writes"])
+
+
+def last_contacts(lab: Lab) -> list[float]:
+    return [float(i.get("last_contact") or 0) for i in agent_status(lab, "alice")["interfaces"]]
+
+
+def run(options: Options) -> PartResult:
+    window = 15.0 if options.quick else 60.0
+    result = PartResult(PART)
+    with bench_lab(footprint_topology, options) as lab:
+        second = {f"n{i}": IPv4Interface(f"10.98.0.{3 + i}/24") for i in range(5, NEIGHBOURS)}
+        tunnel = lab.add_tunnel(
+            SECOND, SECOND_HUB, {"alice": IPv4Interface("10.98.0.2/24"), **second}, SECOND_PORT
+        )
+        topology = lab.topology
+        start_server(lab)
+        start_second_server(lab, tunnel.interface(topology, topology.hub.name))
+        for i in range(NEIGHBOURS):
+            host = f"n{i}"
+            iface = lab.wg_interface(host) if i < 5 else tunnel.interface(topology, host)
+            start_agent(lab, host, "--interface", iface, log_name=f"fp-{host}")
+        interfaces = [lab.wg_interface("alice"), tunnel.interface(topology, "alice")]
+        hub_keys = {lab.public_key(topology.hub.name), tunnel.public_key(topology.hub.name)}
+        alice = start_agent_in_mode(lab, "alice", "push", log_name="fp-alice")
+        wait_quietly(
+            lambda: direct_up(interfaces, hub_keys) == NEIGHBOURS,
+            60,
+            "alice never had 10 handshaking direct peers",
+        )
+        # Let start-up work (first keepalives, imports done lazily) pass before measuring.
+        time.sleep(3.0)
+        log(f"footprint: alice has {NEIGHBOURS} direct peers; idle window of {window:g} s")
+        idle = measure_idle(lab, alice.pid, window)
+        require(direct_up(interfaces, hub_keys) == NEIGHBOURS, "a direct peer went away")
+        lab.stop(alice, signal.SIGTERM, timeout=10)
+
+        poller = start_agent_in_mode(lab, "alice", "poll", log_name="fp-alice-poll")
+        wait_quietly(
+            lambda: direct_up(interfaces, hub_keys) == NEIGHBOURS,
+            60,
+            "alice (polling) never had 10 handshaking direct peers",
+        )
+        full = measure_full_resyncs(lab, options.trials(10, 3))
+        lab.stop(poller, signal.SIGTERM, timeout=10)
+
+    per_minute = 60.0 / idle["seconds"]
+    result.rows = [
+        Row(PART, "RSS, idle, 2 interfaces, 10 direct peers", f"{idle['rss_kib'] / 1024:.1f} MiB"),
+        Row(
+            PART,
+            f"CPU over {idle['seconds']:.0f} s idle",
+            f"{idle['cpu_seconds']:.2f} s ({100 * idle['cpu_seconds'] / idle['seconds']:.2f} %)",
+        ),
+        Row(
+            PART,
+            "wake-ups per minute (voluntary context switches, all threads)",
+            f"{idle['voluntary'] * per_minute:.0f} "
+            f"(+{idle['involuntary'] * per_minute:.0f} preemptions by other load)",
+        ),
+        Row(
+            PART,
+            "WireGuard writes while idle (1 s health re-plans, a re-sync every 10 s)",
+            f"{idle['writes']} in {idle['seconds']:.0f} s ({idle['resyncs']} re-syncs)",
+            "0",
+            idle["writes"] == 0,
+        ),
+        Row(
+            PART,
+            "WireGuard writes per full re-sync, nothing changed (polling mode)",
+            f"{full['writes'] / full['resyncs']:.2f} ({full['writes']} in {full['resyncs']})",
+            "0",
+            full["writes"] == 0,
+        ),
+    ]
+    result.data = {"idle": idle, "full_resyncs": full, "neighbours": NEIGHBOURS}
+    return result
+
+
+def measure_idle(lab: Lab, pid: int, window: float) -> dict[str, Any]:
+    before_writes = writes(lab)
+    start: ProcSample = sample_process(pid)
+    resyncs = 0
+    deadline = start.at + window
+    next_sync = start.at + 10.0
+    while time.monotonic() < deadline:
+        if time.monotonic() >= next_sync:
+            agent_call(lab, "alice", "sync")
+            resyncs += 1
+            next_sync += 10.0
+        time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+    end = sample_process(pid)
+    after_writes = writes(lab)
+    return {
+        "seconds": end.at - start.at,
+        "rss_kib": end.rss_kib,
+        "cpu_seconds": end.cpu_seconds - start.cpu_seconds,
+        "switches": end.switches - start.switches,
+        "voluntary": end.voluntary_switches - start.voluntary_switches,
+        "involuntary": end.involuntary_switches - start.involuntary_switches,
+        "writes": after_writes - before_writes,
+        "resyncs": resyncs,
+        # The control socket's own status calls wake the agent too: two per window.
+        "status_calls": 2,
+    }
+
+
+def measure_full_resyncs(lab: Lab, count: int) -> dict[str, int]:
+    """``count`` re-syncs of the polling agent, each waited for (its last contact moves)."""
+    # The first scheduled report (5 s after start) settles what there is to add.
+    wait_quietly(lambda: all(c > 0 for c in last_contacts(lab)), 30, "no first report")
+    before = writes(lab)
+    for _ in range(count):
+        seen = last_contacts(lab)
+        agent_call(lab, "alice", "sync")
+        wait_quietly(
+            lambda seen=seen: all(  # type: ignore[misc]
+                now > then for now, then in zip(last_contacts(lab), seen, strict=True)
+            ),
+            15,
+            "a re-sync never completed",
+        )
+    return {"writes": writes(lab) - before, "resyncs": count}

@@ -1,0 +1,487 @@
+"""Server scale: the peering request against registries of 1 000 to 100 000 clients, and
+5 000 blocking queries held at once.
+
+The server is the product's app (``create_app``) served by uvicorn in this process on
+127.0.0.1, with the options of ``wg-autopeer server`` (no proxy headers, INFO logging
+with one access line per request, to a file) and its default SQLite store on disk.
+Its hub is a synthetic ``get=1`` answer (``bench.synthetic``) parsed by the product's
+UAPI parser into a ``FakeWireGuard``, so the server's own ``HubView`` reads and
+indexes it on its usual 2 s timer. The registry is filled through ``Registry.put``
+(the handler's own step), then ``bench.loadgen`` — another process — sends requests
+at fixed concurrency, each from a random client's own loopback address.
+
+Handshakes and TTL are set to a day so that the synthetic state stays valid for the
+whole run; nothing else differs from the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import gc
+import json
+import logging
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, ip_address
+from pathlib import Path
+from typing import Any, TypeVar
+
+from bench.common import (
+    REPO,
+    Options,
+    PartResult,
+    Row,
+    log,
+    raise_fd_limit,
+    require,
+    sample_process,
+)
+from bench.synthetic import DISTRIBUTIONS, LISTEN_PORT, Client, population, uapi_lines
+from wg_autopeer.server.app import Coordinator, create_app
+from wg_autopeer.server.config import ServerConfig
+from wg_autopeer.server.matching import Registration, ReportedLan
+from wg_autopeer.server.store import SqliteStore
+from wg_autopeer.wireguard.fake import FakeWireGuard
+from wg_autopeer.wireguard.uapi import parse_device
+
+PART = "Server scale"
+IFACE = "bench0"
+DAY = 24 * 3600.0
+SIZES = (1_000, 10_000, 100_000)
+BLOCKING_REGISTRY = 10_000
+WAITERS = 5_000
+TARGET_P99_MS = 10.0
+TARGET_RATIO = 1.5
+T = TypeVar("T")
+
+
+@dataclass
+class Case:
+    """One registry size and distribution under load."""
+
+    size: int
+    distribution: str
+    # Seconds for the server to load the registry from its store at start.
+    prefill_s: float = 0.0
+    tick_ms: float = 0.0
+    rss_kib: int = 0
+    # Mean microseconds of the matching step alone (``Registry.answer_for``), in-process.
+    match_us: float = 0.0
+    # Server CPU time per answered request, over the whole load (warm-up included).
+    cpu_ms_per_request: float = 0.0
+    # Full (generation 2) garbage collections during the load, and their total time.
+    full_gcs: int = 0
+    full_gc_ms: float = 0.0
+    load: dict[str, Any] = field(default_factory=dict)
+
+
+def registration(client: Client, ttl: float) -> Registration:
+    """What the request handler registers for ``client`` (``build_registration``)."""
+    return Registration(
+        pubkey=client.pubkey,
+        tunnel_ips=(ip_address(client.tunnel_ip),),
+        public_ip=IPv4Address(client.public_ip),
+        lans=(
+            ReportedLan(
+                ip_address(client.lan_ip), client.prefix, ip_address(client.gateway), LISTEN_PORT
+            ),
+        ),
+        expires_at=time.time() + ttl,
+    )
+
+
+class BulkStore(SqliteStore):
+    """The product's store, plus one bulk insert for filling it before a run."""
+
+    def put_all(self, registrations: Iterable[Registration]) -> None:
+        with self._db:
+            self._db.execute("BEGIN")
+            for registration in registrations:
+                self.put(registration)
+
+    def __enter__(self) -> BulkStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def server_logging(path: Path) -> Iterator[None]:
+    """INFO logging to ``path``, as ``wg-autopeer server`` logs to stderr."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        handler.close()
+
+
+async def with_server(
+    clients: list[Client],
+    db: Path,
+    body: Callable[[int, Coordinator, Case], Awaitable[T]],
+    case: Case,
+) -> T:
+    """Serve a registry of ``clients`` on 127.0.0.1 while ``body(port, core, case)`` runs."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # Ctrl-C must reach the benchmark runner, not stop only this server.
+            yield
+
+    for leftover in db.parent.glob(db.name + "*"):
+        leftover.unlink()
+    control = FakeWireGuard()
+    control.devices[IFACE] = parse_device(IFACE, uapi_lines(clients, int(time.time())))
+    config = ServerConfig(interface=IFACE, db=str(db), handshake_max_age=DAY, ttl=DAY)
+    # The registry comes from the store, as after a restart: written in one transaction
+    # here (one request per client would take minutes), loaded by the server itself.
+    with BulkStore(db) as store:
+        store.put_all(registration(c, config.ttl) for c in clients)
+    started = time.perf_counter()
+    app = create_app(config, control)
+    case.prefill_s = time.perf_counter() - started
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = int(sock.getsockname()[1])
+    server = Server(
+        uvicorn.Config(
+            app,
+            proxy_headers=False,
+            forwarded_allow_ips=None,
+            server_header=False,
+            access_log=False,
+            log_config=None,
+            lifespan="on",
+            backlog=8192,
+            timeout_graceful_shutdown=1,
+        )
+    )
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            require(not serving.done(), "the in-process server did not start")
+            await asyncio.sleep(0.02)
+        core: Coordinator = app.state.coordinator
+        require(core.registry.client_count == len(clients), "registry not filled")
+        gc.collect()
+        # One background round (re-read and index the hub, check every registration,
+        # expire): the server runs it every refresh_interval.
+        started = time.perf_counter()
+        await core.tick()
+        case.tick_ms = (time.perf_counter() - started) * 1000
+        case.rss_kib = sample_process_self()
+        case.match_us = time_matching(core, clients)
+        return await body(port, core, case)
+    finally:
+        server.should_exit = True
+        await serving
+        sock.close()
+
+
+class GcClock:
+    """Counts full garbage collections and the time they take, until ``stop``."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.seconds = 0.0
+        self._started = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.count += 1
+            self.seconds += time.perf_counter() - self._started
+
+    def stop(self) -> tuple[float, int]:
+        gc.callbacks.remove(self._callback)
+        return self.seconds * 1000, self.count
+
+
+def time_matching(core: Coordinator, clients: list[Client], calls: int = 2000) -> float:
+    """Mean µs of one ``answer_for`` (the neighbour lookup) for random registered clients."""
+    rng = random.Random(6)
+    keys = [clients[rng.randrange(len(clients))].pubkey for _ in range(calls)]
+    now = time.time()
+    started = time.perf_counter()
+    for key in keys:
+        core.registry.answer_for(key, now)
+    return (time.perf_counter() - started) / calls * 1e6
+
+
+def sample_process_self() -> int:
+    return sample_process(os.getpid()).rss_kib
+
+
+def process_cpu() -> float:
+    """CPU seconds of this process (the server) so far, every thread."""
+    return time.process_time()
+
+
+async def loadgen(*args: str) -> dict[str, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.loadgen",
+        *args,
+        cwd=str(REPO),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    require(proc.returncode == 0, f"loadgen failed: {err.decode(errors='replace')[-2000:]}")
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+async def load_case(
+    size: int, distribution: str, options: Options, duration: float, concurrency: int
+) -> Case:
+    case = Case(size, distribution)
+    clients = population(size, distribution)
+
+    async def body(port: int, core: Coordinator, case: Case) -> Case:
+        before = process_cpu()
+        gc_clock = GcClock()
+        case.load = await loadgen(
+            "load",
+            "--port", str(port), "--n", str(size), "--dist", distribution,
+            "--duration", f"{duration:g}", "--concurrency", str(concurrency),
+        )  # fmt: skip
+        requests = case.load["requests"] / case.load["seconds"] * (duration + 1.0)
+        case.cpu_ms_per_request = (process_cpu() - before) * 1000 / max(requests, 1.0)
+        case.full_gc_ms, case.full_gcs = gc_clock.stop()
+        return case
+
+    return await with_server(clients, options.out / "server-scale.db", body, case)
+
+
+async def blocking_case(options: Options, changes: int, idle: float) -> dict[str, Any]:
+    clients = population(BLOCKING_REGISTRY, "distinct")
+    case = Case(BLOCKING_REGISTRY, "distinct")
+
+    async def body(port: int, core: Coordinator, case: Case) -> dict[str, Any]:
+        result = await loadgen(
+            "block",
+            "--port", str(port), "--n", str(BLOCKING_REGISTRY), "--dist", "distinct",
+            "--waiters", str(WAITERS), "--changes", str(changes), "--idle", f"{idle:g}",
+            "--server-pid", str(os.getpid()),
+        )  # fmt: skip
+        result["registry"] = BLOCKING_REGISTRY
+        return result
+
+    return await with_server(clients, options.out / "server-scale.db", body, case)
+
+
+def plot(cases: list[Case], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
+    for ax, distribution in zip(axes, DISTRIBUTIONS, strict=True):
+        for case in (c for c in cases if c.distribution == distribution):
+            values = sorted(case.load["latencies_ms"])
+            if not values:
+                continue
+            ys = [(i + 1) / len(values) for i in range(len(values))]
+            ax.plot(values, ys, label=f"{case.size:,} clients")
+        ax.set_xscale("log")
+        ax.set_xlabel("latency of one peering request (ms)")
+        ax.set_title(
+            "distinct LANs" if distribution == "distinct" else "same router defaults", fontsize=10
+        )
+        ax.grid(True, which="both", alpha=0.25)
+        ax.axvline(TARGET_P99_MS, color="grey", linestyle=":", linewidth=1)
+    axes[0].set_ylabel("fraction of requests")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def case_in_subprocess(options: Options, *args: str) -> dict[str, Any]:
+    """Run one case in a fresh process (``python -m bench.server_scale``), so that no
+    case inherits the memory or the garbage of the one before; its JSON answer."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.server_scale", "--out", str(options.out), *args],
+        cwd=str(REPO),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    require(proc.returncode == 0, f"server case {args} failed: {proc.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
+def run(options: Options) -> PartResult:
+    duration = 4.0 if options.quick else 10.0
+    # Low enough that queueing behind other requests does not dominate the latency.
+    concurrency = 4
+    cases: list[Case] = []
+    for distribution in DISTRIBUTIONS:
+        for size in SIZES:
+            argv = ["load", "--size", str(size), "--dist", distribution]
+            argv += ["--duration", f"{duration:g}", "--concurrency", str(concurrency)]
+            case = Case(**case_in_subprocess(options, *argv))
+            cases.append(case)
+            load = case.load
+            log(
+                f"server {size:>7,} {distribution:<8}: {load['rps']:.0f} req/s, "
+                f"p50 {load['p50_ms']:.2f} ms, p99 {load['p99_ms']:.2f} ms "
+                f"(background round {case.tick_ms:.0f} ms)"
+            )
+    blocking = case_in_subprocess(
+        options,
+        "block", "--changes", str(options.trials(20, 5)), "--idle", f"{idle_for(options):g}",
+    )  # fmt: skip
+    log(
+        f"server blocking: {blocking['waiters']} waiting, wake p50 {blocking['wake_p50_ms']:.1f} ms"
+    )
+    result = PartResult(PART)
+    png = options.out / "server-latency.png"
+    plot(cases, png)
+    result.plots.append(png)
+    result.rows = rows(cases, blocking, concurrency)
+    result.data = {
+        "cases": cases,
+        "blocking": blocking,
+        "concurrency": concurrency,
+        "duration_s": duration,
+    }
+    return result
+
+
+def idle_for(options: Options) -> float:
+    return 5.0 if options.quick else 10.0
+
+
+def rows(cases: list[Case], blocking: dict[str, Any], concurrency: int) -> list[Row]:
+    out: list[Row] = []
+    for case in cases:
+        load = case.load
+        bad = sum(n for status, n in load["statuses"].items() if str(status) != "200")
+        out.append(
+            Row(
+                PART,
+                f"{case.size:,} clients, {case.distribution} LANs (concurrency {concurrency})",
+                f"{load['rps']:.0f} req/s, p50 {load['p50_ms']:.2f} ms, p99 {load['p99_ms']:.2f} ms"
+                f"; server CPU {case.cpu_ms_per_request:.2f} ms/request; "
+                f"matching {case.match_us:.0f} µs" + (f"; {bad} non-200" if bad else ""),
+                f"p99 < {TARGET_P99_MS:g} ms" if case.size == max(SIZES) else "",
+                load["p99_ms"] < TARGET_P99_MS if case.size == max(SIZES) else None,
+            )
+        )
+    for distribution in DISTRIBUTIONS:
+        small = next(c for c in cases if c.distribution == distribution and c.size == min(SIZES))
+        large = next(c for c in cases if c.distribution == distribution and c.size == max(SIZES))
+        ratio = large.load["p50_ms"] / small.load["p50_ms"]
+        out.append(
+            Row(
+                PART,
+                f"p50 at {max(SIZES):,} / p50 at {min(SIZES):,} ({distribution} LANs)",
+                f"{ratio:.2f}x",
+                f"<= {TARGET_RATIO:g}x",
+                ratio <= TARGET_RATIO,
+            )
+        )
+    big = [c for c in cases if c.size == max(SIZES)]
+    out.append(
+        Row(
+            PART,
+            f"background round at {max(SIZES):,} clients (every 2 s; blocks the loop)",
+            ", ".join(f"{c.tick_ms:.0f} ms ({c.distribution})" for c in big),
+        )
+    )
+    idle = blocking["idle_seconds"]
+    per_waiter = (blocking["rss_waiting_kib"] - blocking["rss_before_kib"]) / blocking["waiters"]
+    out += [
+        Row(
+            PART,
+            f"{blocking['waiters']:,} blocking queries held, one neighbour change at a time",
+            f"affected waiters answered in median {blocking['wake_p50_ms']:.0f} ms, "
+            f"max {blocking['wake_max_ms']:.0f} ms after the change was sent "
+            f"({len(blocking['wake_ms'])} wake-ups, {blocking['missed']} missed, "
+            f"{blocking['spurious']} other waiters woken)",
+        ),
+        Row(
+            PART,
+            "  of which: the change request itself / the fan-out after it",
+            f"median {blocking['change_p50_ms']:.0f} ms / "
+            f"median {blocking['after_change_p50_ms']:.1f} ms, "
+            f"max {blocking['after_change_max_ms']:.1f} ms",
+        ),
+        Row(
+            PART,
+            f"server while {blocking['waiters']:,} queries wait ({BLOCKING_REGISTRY:,} registered)",
+            f"RSS {blocking['rss_waiting_kib'] / 1024:.0f} MiB "
+            f"(+{per_waiter:.1f} KiB per waiter), "
+            f"CPU {100 * blocking['idle_cpu_seconds'] / idle:.1f} % over {idle:.0f} s",
+        ),
+    ]
+    return out
+
+
+async def one_case(args: argparse.Namespace) -> dict[str, Any]:
+    options = Options(out=args.out)
+    name = f"server-{args.mode}" + (f"-{args.size}-{args.dist}" if args.mode == "load" else "")
+    with server_logging(options.out / f"{name}.log"):
+        try:
+            if args.mode == "load":
+                case = await load_case(
+                    args.size, args.dist, options, args.duration, args.concurrency
+                )
+                return dataclasses.asdict(case)
+            return await blocking_case(options, changes=args.changes, idle=args.idle)
+        finally:
+            for leftover in options.out.glob("server-scale.db*"):
+                leftover.unlink()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One case, as ``run`` starts it: prints its figures as JSON."""
+    parser = argparse.ArgumentParser(prog="python -m bench.server_scale")
+    parser.add_argument("--out", type=Path, required=True)
+    sub = parser.add_subparsers(dest="mode", required=True)
+    load = sub.add_parser("load")
+    load.add_argument("--size", type=int, required=True)
+    load.add_argument("--dist", choices=DISTRIBUTIONS, required=True)
+    load.add_argument("--duration", type=float, default=10.0)
+    load.add_argument("--concurrency", type=int, default=4)
+    block = sub.add_parser("block")
+    block.add_argument("--changes", type=int, default=20)
+    block.add_argument("--idle", type=float, default=10.0)
+    args = parser.parse_args(argv)
+    raise_fd_limit()
+    json.dump(asyncio.run(one_case(args)), sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
