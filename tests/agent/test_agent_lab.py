@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from ipaddress import IPv4Interface, ip_network
+from pathlib import Path
 
 import pytest
 
@@ -273,3 +274,23 @@ def test_direct_peer_that_never_handshakes_falls_back_to_the_hub(lab_factory: La
     assert not wait_for(lambda: lab.public_key("bob") in direct_peers(lab, "alice"), timeout=3)
     log = lab.log_path("agent-alice").read_text()
     assert log.count("failed: no handshake within 10 s") == 1
+
+
+def test_polling_agents_converge_though_the_neighbour_learns_late(
+    lab_factory: LabFactory, tmp_path: Path
+) -> None:
+    """Polling agents (as against a wireguard-web server): bob registers first, alice
+    learns of him at once and adds him, but bob learns of alice only at his next poll,
+    about 20 s later, long after the 10 s handshake deadline. alice must wait for that
+    poll rather than give up and back off before the pair can ever form."""
+    lab = lab_factory()
+    start_server(lab)
+    polling = tmp_path / "polling.toml"
+    polling.write_text("push = false\ninterval = 20\n")
+    start_agent(lab, "bob", "--config", str(polling))
+    from_bob = f"source={lab.tunnel_ip('bob')} "
+    assert wait_for(lambda: from_bob in lab.log_path("server").read_text(), timeout=10)
+    start_agent(lab, "alice", "--config", str(polling))
+
+    assert wait_for(lambda: _paired(lab), timeout=35), "the polling pair never formed"
+    assert "no handshake within" not in lab.log_path("agent-alice").read_text()

@@ -109,6 +109,7 @@ class InterfaceWorker:
         self._quick_answers = 0
         self._etag_for: tuple[LanEntry, ...] = ()
         self._client: PeeringClient | None = None
+        self._local_address: str | None = None
         self._closing: set[asyncio.Future[None]] = set()
         self._backoff = Backoff(base=1.0, cap=60.0)
         # Set once the first report has been tried (whatever its outcome): readiness.
@@ -188,6 +189,10 @@ class InterfaceWorker:
 
     async def run(self) -> None:
         try:
+            # After a restart on a new network wireguard-go may still hold the old
+            # source address for the hub (see rebind_hub): clear it before reporting.
+            with contextlib.suppress(WireGuardError):
+                await self.rebind_hub()
             if self.agent.config.first_report_delay > 0:
                 await asyncio.sleep(self.agent.config.first_report_delay)
             while True:
@@ -262,7 +267,8 @@ class InterfaceWorker:
         if result is None:  # woken by a trigger: report again with fresh inputs
             return None
         self._backoff.reset()
-        self.status.blocking = result.blocking_supported
+        # Push is in use only if we asked for it and the server offers it.
+        self.status.blocking = agent.config.push and result.blocking_supported
         if result.not_modified:
             self._set_outcome("no change")
         else:
@@ -312,6 +318,7 @@ class InterfaceWorker:
         except ValueError:
             family = 4
         local = next((str(a.ip) for a in tunnel.addresses if a.version == family), None)
+        self._local_address = local
         if self._client is None or self._client.local_address != local:
             if self._client is not None:
                 self._closing.add(asyncio.ensure_future(self._client.aclose()))
@@ -378,6 +385,34 @@ class InterfaceWorker:
             await apply(the_plan, self.agent.control, self.interface, self.agent.ledger_store)
             self.agent.writes += len(the_plan.operations)
 
+    def forget_etag(self) -> None:
+        """Make the next report a plain one that gets a fresh answer at once."""
+        self._etag = None
+
+    def _handshake_timeout(self) -> float:
+        """How long a new direct peer may take to handshake.
+
+        Against a server without blocking queries (wireguard-web) the neighbour learns
+        of us only at its next poll, up to an interval later, and WireGuard drops our
+        handshakes until then: judging it earlier would remove every pair before it
+        could form. With push, both sides learn within a second.
+        """
+        config = self.agent.config
+        if self.status.blocking:
+            return config.handshake_timeout
+        return config.handshake_timeout + config.interval
+
+    async def leave(self) -> None:
+        """Tell this interface's server that we go (DELETE; best effort, about 1 s)."""
+        url = self.status.server
+        if url is None:
+            return
+        if self._client is not None:
+            await self._client.leave(url)
+            return
+        async with PeeringClient(self._local_address) as client:
+            await client.leave(url)
+
     async def rebind_hub(self) -> None:
         """Re-apply the hub peer's own endpoint, unchanged, after the LAN changed.
 
@@ -421,7 +456,7 @@ class InterfaceWorker:
                 state,
                 entry.added_at,
                 now,
-                handshake_timeout=self.agent.config.handshake_timeout,
+                handshake_timeout=self._handshake_timeout(),
                 stale_after=self.agent.config.handshake_stale_after,
             )
             if verdict.failed:
@@ -516,8 +551,10 @@ class Agent:
         self.stopping.set()
 
     def resync(self, why: str) -> None:
+        """Report again now, every interface, asking for a fresh answer (no held query)."""
         log.info("re-sync: %s", why)
         for worker in self.workers.values():
+            worker.forget_etag()
             worker.wake.set()
 
     async def set_enabled(self, enabled: bool) -> None:
@@ -607,19 +644,17 @@ class Agent:
                     log.debug("%s: health check failed: %s", worker.interface, exc)
 
     async def _leave_all(self) -> None:
-        """Tell the server we go, so neighbours drop us within a second."""
-        leaving = []
-        for worker in self.workers.values():
-            if worker._client is not None and worker.status.server:
-                leaving.append(worker._client.leave(worker.status.server))
-        await asyncio.gather(*leaving)
+        """Tell the servers we go, so neighbours drop us within a second."""
+        await asyncio.gather(*(worker.leave() for worker in self.workers.values()))
 
     async def shutdown(self) -> None:
         """Leave, remove every direct peer we added, give routes back to the hub."""
-        await self._leave_all()
+        # Cut in-flight reports first: one finishing after our leave would register
+        # us again, and neighbours would add a peer that is about to vanish.
         for task in self._tasks.values():
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        await self._leave_all()
         for worker in self.workers.values():
             try:
                 await worker.withdraw("shutting down")
