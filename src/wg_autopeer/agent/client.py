@@ -147,8 +147,10 @@ class PeeringClient:
         except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
             raise ServerError(url, f"bad server URL: {exc}", retryable=False) from exc
         except httpx.HTTPError as exc:
+            # h11 quotes what the server sent (up to 16 kB of it, e.g. a bogus status
+            # line): bound it before it reaches the log and the status.
             raise ServerError(
-                url, f"{type(exc).__name__}: {str(exc) or 'transport error'}"
+                url, f"{type(exc).__name__}: {_shorten(str(exc)) or 'transport error'}"
             ) from exc
         except OSError as exc:
             raise ServerError(url, f"{type(exc).__name__}: {exc}") from exc
@@ -203,7 +205,7 @@ class PeeringClient:
                 await response.aclose()
             log.debug("left %s: HTTP %d", url, response.status_code)
         except (TimeoutError, httpx.HTTPError, OSError) as exc:
-            log.debug("could not tell %s we leave: %s", url, exc)
+            log.debug("could not tell %s we leave: %s", url, _shorten(str(exc)))
 
     async def aclose(self) -> None:
         await self._client.aclose()
