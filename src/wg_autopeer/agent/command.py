@@ -96,11 +96,18 @@ async def _serve(config: Any) -> int:
     return 0
 
 
-def run_status(args: argparse.Namespace) -> int:
+def _ask_agent(args: argparse.Namespace, command: str) -> dict[str, Any] | None:
+    """One command to the running agent; None (after saying why) when none answers."""
     try:
-        answer = localapi.call(args.runtime_dir, "status")
+        return localapi.call(args.runtime_dir, command)
     except localapi.AgentNotRunning as exc:
-        print(f"wg-autopeer status: {exc}", file=sys.stderr)
+        print(f"wg-autopeer {command}: {exc}", file=sys.stderr)
+        return None
+
+
+def run_status(args: argparse.Namespace) -> int:
+    answer = _ask_agent(args, "status")
+    if answer is None:
         return 3
     if args.json:
         print(json.dumps(answer, indent=2, sort_keys=True))
@@ -110,10 +117,8 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def run_sync(args: argparse.Namespace) -> int:
-    try:
-        answer = localapi.call(args.runtime_dir, "sync")
-    except localapi.AgentNotRunning as exc:
-        print(f"wg-autopeer sync: {exc}", file=sys.stderr)
+    answer = _ask_agent(args, "sync")
+    if answer is None:
         return 3
     print("re-sync requested" if answer.get("ok") else f"refused: {answer.get('error')}")
     return 0 if answer.get("ok") else 1

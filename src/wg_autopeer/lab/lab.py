@@ -844,6 +844,18 @@ class Lab:
         if up:
             self._restore_default_route(host)
 
+    def _hub_peer_args(self, client: ClientSpec) -> list[str]:
+        """``wg set`` arguments that give ``client`` the hub as its peer."""
+        hub = self.topology.hub
+        args = [
+            "peer", self.public_key(hub.name),
+            "allowed-ips", str(hub.tunnel.network),
+            "endpoint", f"{hub.wan.ip}:{hub.listen_port}",
+        ]  # fmt: skip
+        if client.keepalive is not None:
+            args += ["persistent-keepalive", str(client.keepalive)]
+        return args
+
     def restart_wireguard(self, host: str, *, delete_link: bool = False) -> None:
         """Take ``host``'s WireGuard device away and bring it back, as ``wg-quick down``
         then ``up`` would: same key, listen port and tunnel address, and only the peers
@@ -911,14 +923,7 @@ class Lab:
                 )  # fmt: skip
             return
         client = self.topology.client(host)
-        peer_args = [
-            "peer", self.public_key(hub.name),
-            "allowed-ips", str(hub.tunnel.network),
-            "endpoint", f"{hub.wan.ip}:{hub.listen_port}",
-        ]  # fmt: skip
-        if client.keepalive is not None:
-            peer_args += ["persistent-keepalive", str(client.keepalive)]
-        self.run(host, "wg", "set", iface, *peer_args)
+        self.run(host, "wg", "set", iface, *self._hub_peer_args(client))
 
     def add_uplink(self, host: str, lan: str, address: IPv4Interface, *, metric: int) -> str:
         """Give client ``host`` one more LAN link, into ``lan``'s bridge, with ``address`` and a
@@ -1149,14 +1154,11 @@ class Lab:
             "peer", self.public_key(client.name),
             "allowed-ips", f"{client.tunnel.ip}/32",
         )  # fmt: skip
-        peer_args = [
-            "peer", self.public_key(hub.name),
-            "allowed-ips", str(hub.tunnel.network),
-            "endpoint", f"{hub.wan.ip}:{hub.listen_port}",
-        ]  # fmt: skip
-        if client.keepalive is not None:
-            peer_args += ["persistent-keepalive", str(client.keepalive)]
-        self.run(client.name, "wg", "set", self.topology.wg_interface(client.name), *peer_args)
+        self.run(
+            client.name,
+            "wg", "set", self.topology.wg_interface(client.name),
+            *self._hub_peer_args(client),
+        )  # fmt: skip
 
     def _generate_key(self, host: str) -> None:
         private = _run(["wg", "genkey"]).stdout.strip()
