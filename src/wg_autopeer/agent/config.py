@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from wg_autopeer.agent.localapi import group_id
+from wg_autopeer.configfile import read_toml
 from wg_autopeer.errors import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/wg-autopeer/agent.toml")
@@ -115,17 +115,7 @@ def load_agent_config(
     """
     values: dict[str, Any] = {}
     if path is not None:
-        try:
-            with path.open("rb") as fh:
-                raw = tomllib.load(fh)
-        except FileNotFoundError:
-            if required:
-                raise ConfigError("--config", f"{path}: no such file") from None
-            raw = {}
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError("(file)", f"{path} is not valid TOML: {exc}") from exc
-        except OSError as exc:
-            raise ConfigError("(file)", f"{path}: {exc.strerror}") from exc
+        raw = read_toml(path, required=required)
         for key, value in raw.items():
             if key not in _KEY_FORMS:
                 known = ", ".join(sorted(_KEY_FORMS))

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv6Address, ip_address, ip_network
 from pathlib import Path
 from typing import Any
 
+from wg_autopeer.configfile import read_toml
 from wg_autopeer.errors import ConfigError
 from wg_autopeer.server.matching import Policy
 from wg_autopeer.wireguard.base import IPAddress, IPNetwork, is_valid_key
@@ -180,19 +180,5 @@ def config_from_mapping(
 def load_config(path: Path | None = None) -> ServerConfig:
     """Read ``path``, or the default file when it exists (defaults otherwise)."""
     explicit = path is not None
-    path = path or DEFAULT_CONFIG_PATH
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        if explicit:
-            raise ConfigError("--config", f"{path}: no such file") from None
-        return ServerConfig()
-    except UnicodeDecodeError as exc:
-        raise ConfigError("(file)", f"{path} is not valid TOML: {exc}") from exc
-    except OSError as exc:
-        raise ConfigError("(file)", f"{path}: {exc.strerror}") from exc
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("(file)", f"{path} is not valid TOML: {exc}") from exc
+    data = read_toml(path or DEFAULT_CONFIG_PATH, required=explicit)
     return config_from_mapping(data)
