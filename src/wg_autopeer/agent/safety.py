@@ -81,6 +81,16 @@ def _host_route(network: IPNetwork) -> bool:
     return network.prefixlen == network.max_prefixlen
 
 
+def _network_or_broadcast(address: IPAddress, networks: Sequence[IPNetwork]) -> bool:
+    """True when ``address`` is the network or broadcast address of every one of
+    ``networks`` that holds it. /31, /32 (and /127, /128) have none to avoid."""
+    return all(
+        net.prefixlen < net.max_prefixlen - 1
+        and address in (net.network_address, net.broadcast_address)
+        for net in networks
+    )
+
+
 def _parse_endpoint(offer: PeerOffer, ctx: SafetyContext) -> Endpoint | str:
     """The offer's endpoint, or the reason it is refused."""
     if not offer.endpoint or offer.port is None:
@@ -98,12 +108,7 @@ def _parse_endpoint(offer: PeerOffer, ctx: SafetyContext) -> Endpoint | str:
     lans = [net for net in ctx.lan_networks if address in net]
     if not lans:
         return f"endpoint {address} is outside the LANs this agent reported"
-    # /31, /32 (and /127, /128) have no network or broadcast address to avoid.
-    if all(
-        net.prefixlen < net.max_prefixlen - 1
-        and address in (net.network_address, net.broadcast_address)
-        for net in lans
-    ):
+    if _network_or_broadcast(address, lans):
         return f"endpoint {address} is the network or broadcast address of its LAN"
     return Endpoint(address, offer.port)
 
@@ -122,11 +127,7 @@ def _parse_allowed_ip(
     tunnels = [net for net in ctx.tunnel_networks if address in net]
     if not tunnels:
         return f"allowed IP {network} is outside the tunnel network"
-    if all(
-        net.prefixlen < net.max_prefixlen - 1
-        and address in (net.network_address, net.broadcast_address)
-        for net in tunnels
-    ):
+    if _network_or_broadcast(address, tunnels):
         return f"allowed IP {network} is the network or broadcast address of the tunnel"
     if address in ctx.hub_tunnel_ips:
         return f"allowed IP {network} is the hub's tunnel address"
