@@ -105,6 +105,10 @@ class InterfaceWorker:
         # Set once the first report has been tried (whatever its outcome): readiness.
         self.first_cycle_done = asyncio.Event()
 
+    def _ledger(self) -> InterfaceLedger:
+        """The direct peers this agent added on this interface (from the cached ledger)."""
+        return self.agent.ledger_store.load().interface(self.interface)
+
     # -- inputs -----------------------------------------------------------------
 
     def _tunnel(self, device: DeviceState, snapshot: NetSnapshot) -> Tunnel | None:
@@ -121,7 +125,7 @@ class InterfaceWorker:
 
     def _find_hub(self, device: DeviceState, url: str) -> str | None:
         """The hub is the peer (not one of ours) that routes the server's address."""
-        ledger = self.agent.ledger_store.load().interface(self.interface)
+        ledger = self._ledger()
         foreign = [p for p in device.peers if p.public_key not in ledger]
         host = urlsplit(url).hostname or ""
         try:
@@ -153,7 +157,7 @@ class InterfaceWorker:
         self, device: DeviceState, tunnel: Tunnel, uplinks: tuple[LanUplink, ...]
     ) -> SafetyContext:
         assert device.public_key is not None
-        ledger = self.agent.ledger_store.load().interface(self.interface)
+        ledger = self._ledger()
         server_host = urlsplit(tunnel.server_url).hostname or ""
         hub_ips: list[IPAddress] = []
         with contextlib.suppress(ValueError):
@@ -344,7 +348,7 @@ class InterfaceWorker:
         """Remove every direct peer this agent added here, giving routes back to the hub."""
         self.accepted = ()
         self._etag = None
-        ledger = self.agent.ledger_store.load().interface(self.interface)
+        ledger = self._ledger()
         if not len(ledger):
             return
         device = await self.agent.control.get_device(self.interface)
@@ -364,7 +368,7 @@ class InterfaceWorker:
     async def _apply(self, make_plan: Callable[[DeviceState, InterfaceLedger], Plan]) -> None:
         async with self.agent.apply_lock:
             device = await self.agent.control.get_device(self.interface)
-            ledger = self.agent.ledger_store.load().interface(self.interface)
+            ledger = self._ledger()
             the_plan = make_plan(device, ledger)
             for skipped in the_plan.skipped:
                 self._log_refusal_once(skipped.pubkey, skipped.reason)
@@ -429,7 +433,7 @@ class InterfaceWorker:
         # first and the device next, so in between a peer being added would look as if
         # something had taken it off the device, and fail for nothing.
         async with self.agent.apply_lock:
-            ledger = self.agent.ledger_store.load().interface(self.interface)
+            ledger = self._ledger()
             if not len(ledger) and not self.accepted:
                 self.status.direct_peers = []
                 return
