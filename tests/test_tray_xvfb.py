@@ -448,18 +448,23 @@ def test_tray_asks_again_when_the_tray_host_drops_its_icon(
     log = tmp_path / "tray.log"
     tray = processes.spawn(tray_argv(agent.path.parent), log, env=tray_env(display))
     assert wait_for(lambda: screen.icon_window() is not None, timeout=15)
-    icon = screen.icon_window()
-    # Embedded, and settled: trayer may still be moving it right after the dock.
+    # Embedded, and settled: trayer may still be moving it right after the dock, or
+    # drop the first request (the tray then asks again, with a new window), so the
+    # window is looked up afresh on every poll.
     since: list[float] = []
+    found: list[Any] = []
 
     def settled() -> bool:
-        if not screen.embedded(icon):
+        window = screen.icon_window()
+        if window is None or not screen.embedded(window):
             since.clear()
             return False
+        found[:] = [window]
         since[:] = since or [time.monotonic()]
         return time.monotonic() - since[0] > 1.0
 
     assert wait_for(settled, timeout=15), log.read_text()
+    icon = found[0]
 
     # What a crashed or restarted tray host leaves: our window back on the root.
     icon.reparent(screen.root, 0, 0)
