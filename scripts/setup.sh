@@ -20,9 +20,9 @@ if ((${#missing[@]})); then
   fi
   echo "setup: installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
+  apt-get -o DPkg::Lock::Timeout=900 update -qq
   # No recommends: wireguard-go would otherwise pull a kernel image and initramfs.
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 if [[ ! -x .venv/bin/python ]]; then
