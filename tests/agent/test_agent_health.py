@@ -7,9 +7,12 @@ from agent_keys import key
 
 from wg_autopeer.agent.backoff import Backoff
 from wg_autopeer.agent.health import (
-    HEALTHY,
+    ACTIVE,
+    PASSIVE,
     PENDING,
-    HealthState,
+    Health,
+    PathState,
+    RxWatch,
     Suppressions,
     judge,
 )
@@ -19,44 +22,80 @@ ADDED = 1_700_000_000.0
 BOB = key(4)
 
 
-def peer(handshake: float | None) -> PeerState:
-    return PeerState(BOB, latest_handshake=handshake)
+def peer(handshake: float | None, rx: int = 92) -> PeerState:
+    return PeerState(BOB, latest_handshake=handshake, rx_bytes=rx)
 
 
-def test_no_handshake_shortly_after_add_is_pending() -> None:
-    assert judge(peer(None), ADDED, ADDED + 9.9) == PENDING
+def unrouted(state: PeerState | None, now: float, *, passive: bool = False) -> Health:
+    return judge(state, routed=False, passive=passive, added_at=ADDED, now=now, rx_idle=0.0)
+
+
+def routed(state: PeerState | None, now: float, rx_idle: float, *, passive: bool = False) -> Health:
+    return judge(
+        state, routed=True, passive=passive, added_at=ADDED, now=now, rx_idle=rx_idle, dead_after=3
+    )
+
+
+def test_new_peer_without_handshake_is_pending_and_gets_no_routes() -> None:
+    verdict = unrouted(peer(None, rx=0), ADDED + 9.9)
+    assert verdict == PENDING
+    assert not PENDING.routable
+
+
+def test_handshake_with_bytes_received_proves_the_path() -> None:
+    verdict = unrouted(peer(ADDED + 0.3), ADDED + 0.4)
+    assert verdict == ACTIVE
+    assert ACTIVE.routable
+
+
+def test_handshake_without_anything_received_is_not_proof() -> None:
+    assert unrouted(peer(ADDED + 0.3, rx=0), ADDED + 0.4) == PENDING
 
 
 def test_kernel_zero_handshake_means_never() -> None:
-    verdict = judge(peer(0.0), ADDED, ADDED + 11)
-    assert verdict.state is HealthState.FAILED
+    verdict = unrouted(peer(0.0, rx=0), ADDED + 11)
+    assert verdict.state is PathState.FAILED
     assert verdict.reason == "no handshake within 10 s"
 
 
-def test_no_handshake_after_ten_seconds_fails() -> None:
-    verdict = judge(peer(None), ADDED, ADDED + 10)
+def test_no_handshake_within_the_grace_fails() -> None:
+    verdict = judge(
+        peer(None, rx=0),
+        routed=False,
+        passive=False,
+        added_at=ADDED,
+        now=ADDED + 40,
+        rx_idle=0.0,
+        handshake_timeout=40,
+    )
     assert verdict.failed
-    assert verdict.reason == "no handshake within 10 s"
+    assert verdict.reason == "no handshake within 40 s"
 
 
-def test_recent_handshake_is_healthy() -> None:
-    assert judge(peer(ADDED + 3), ADDED, ADDED + 5) == HEALTHY
-    assert judge(peer(ADDED + 100), ADDED, ADDED + 100 + 135) == HEALTHY
+def test_passive_peer_waits_for_the_neighbours_handshake_without_deadline() -> None:
+    assert unrouted(peer(None, rx=0), ADDED + 3600, passive=True) == PASSIVE
+    assert unrouted(peer(ADDED + 3599), ADDED + 3600, passive=True) == ACTIVE
 
 
-def test_stale_handshake_fails_with_its_age() -> None:
-    verdict = judge(peer(ADDED + 100), ADDED, ADDED + 100 + 136)
+def test_active_path_stays_while_bytes_arrive() -> None:
+    assert routed(peer(ADDED + 100), ADDED + 150, rx_idle=2.9) == ACTIVE
+
+
+def test_active_path_silent_past_the_keepalive_fails() -> None:
+    verdict = routed(peer(ADDED + 100), ADDED + 150, rx_idle=3.2)
     assert verdict.failed
-    assert verdict.reason == "handshake stale for 136 s"
+    assert verdict.reason == "nothing received for 3.2 s"
 
 
-def test_stale_handshake_of_just_updated_peer_is_pending() -> None:
-    # An in-place update keeps the old handshake; the peer gets its grace period.
-    assert judge(peer(ADDED - 500), ADDED, ADDED + 2) == PENDING
+def test_passive_active_path_is_judged_by_handshake_age_only() -> None:
+    # The seed's agent sends no heartbeat: silence alone must not drop its routes.
+    assert routed(peer(ADDED + 100), ADDED + 150, rx_idle=40, passive=True) == ACTIVE
+    verdict = routed(peer(ADDED + 100), ADDED + 281, rx_idle=0, passive=True)
+    assert verdict.reason == "handshake stale for 181 s"
 
 
 def test_peer_missing_from_device_fails() -> None:
-    verdict = judge(None, ADDED, ADDED + 1)
+    verdict = unrouted(None, ADDED + 1)
     assert verdict.failed
     assert verdict.reason is not None
     assert "no longer on the device" in verdict.reason
@@ -68,6 +107,23 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def test_rx_watch_measures_silence_since_the_counter_last_moved() -> None:
+    clock = Clock()
+    watch = RxWatch(clock)
+    assert watch.observe(BOB, 100) == 0.0
+    clock.now += 2.5
+    assert watch.observe(BOB, 100) == 2.5
+    clock.now += 0.5
+    assert watch.observe(BOB, 148) == 0.0
+    clock.now += 1.0
+    assert watch.observe(BOB, 148) == 1.0
+    watch.restart(BOB)
+    assert watch.observe(BOB, 148) == 0.0
+    watch.retain(())
+    clock.now += 9
+    assert watch.observe(BOB, 148) == 0.0
 
 
 def test_suppression_doubles_per_failure_up_to_ten_minutes() -> None:

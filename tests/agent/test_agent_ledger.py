@@ -47,7 +47,24 @@ def test_round_trip_keeps_every_field(store: LedgerStore) -> None:
     store.save(LEDGER)
     assert store.load() == LEDGER
     data = json.loads(store.path.read_text())
-    assert data["version"] == 1
+    assert data["version"] == 2
+
+
+def test_passive_peer_without_endpoint_round_trips(store: LedgerStore) -> None:
+    passive = Ledger().with_interface(
+        "wg0", InterfaceLedger.of([LedgerPeer(key(7), None, (), (), 12.5)])
+    )
+    store.save(passive)
+    assert store.load() == passive
+
+
+def test_version_one_file_reads_as_is(store: LedgerStore) -> None:
+    store.save(LEDGER)
+    data = json.loads(store.path.read_text())
+    data["version"] = 1
+    store.path.write_text(json.dumps(data))
+    assert store.load() == LEDGER
+    assert corrupt_files(store) == []
 
 
 def test_missing_file_is_an_empty_ledger(store: LedgerStore) -> None:
@@ -109,7 +126,7 @@ def test_torn_or_garbage_file_is_set_aside_and_read_empty(
     assert "moved to" in caplog.text
 
 
-@pytest.mark.parametrize("version", [0, 2, None, "1"])
+@pytest.mark.parametrize("version", [0, 3, None, "1"])
 def test_unknown_version_is_set_aside_and_read_empty(store: LedgerStore, version: object) -> None:
     store.path.parent.mkdir(mode=0o700)
     store.path.write_text(json.dumps({"version": version, "interfaces": {}}))

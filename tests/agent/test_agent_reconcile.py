@@ -6,19 +6,20 @@ from pathlib import Path
 import pytest
 from agent_keys import key
 
-from wg_autopeer.agent.ledger import InterfaceLedger, LedgerStore
+from wg_autopeer.agent.ledger import InterfaceLedger, LedgerPeer, LedgerStore
 from wg_autopeer.agent.reconcile import (
     Plan,
     RemovePeer,
     SetAllowedIps,
     SetPeer,
     apply,
+    keep_working_endpoints,
     plan,
     removal_plan,
 )
 from wg_autopeer.agent.safety import DirectPeer
 from wg_autopeer.errors import DeviceRefused, LedgerError
-from wg_autopeer.wireguard.base import Endpoint, IPNetwork, PeerConfig, PeerState
+from wg_autopeer.wireguard.base import DeviceState, Endpoint, IPNetwork, PeerConfig, PeerState
 from wg_autopeer.wireguard.fake import FakeWireGuard
 
 IFACE = "wgtest0"
@@ -58,31 +59,96 @@ def store(tmp_path: Path) -> LedgerStore:
 
 
 async def converge(
-    fake: FakeWireGuard, store: LedgerStore, desired: list[DirectPeer], now: float = NOW
+    fake: FakeWireGuard,
+    store: LedgerStore,
+    desired: list[DirectPeer],
+    now: float = NOW,
+    *,
+    routed: frozenset[str] = frozenset(),
 ) -> Plan:
     """Plan against the current device and ledger, then apply; returns the plan."""
-    p = plan(desired, await fake.get_device(IFACE), store.load().interface(IFACE), HUB, now=now)
+    p = plan(
+        desired,
+        await fake.get_device(IFACE),
+        store.load().interface(IFACE),
+        HUB,
+        now=now,
+        routed=routed,
+    )
     await apply(p, fake, IFACE, store)
     return p
 
 
-async def test_new_peer_is_added_and_recorded(store: LedgerStore) -> None:
+async def add_and_prove(fake: FakeWireGuard, store: LedgerStore, desired: list[DirectPeer]) -> Plan:
+    """Add the peers (no routes), then plan again with every one of them proven."""
+    await converge(fake, store, desired)
+    return await converge(fake, store, desired, routed=frozenset(p.public_key for p in desired))
+
+
+async def test_new_peer_is_added_without_routes_and_recorded(store: LedgerStore) -> None:
     fake = make_fake()
-    p = await converge(fake, store, [BOB_PEER])
-    assert p.operations == (SetPeer(PeerConfig(BOB, BOB_PEER.allowed_ips, BOB_PEER.endpoint, 25)),)
+    p = await converge(fake, store, [BOB_PEER], routed=frozenset({BOB}))
+    # Even when asked to route it: a peer added in this very plan is not proven yet.
+    assert p.operations == (SetPeer(PeerConfig(BOB, (), BOB_PEER.endpoint, 3)),)
     device = await fake.get_device(IFACE)
     bob = device.peer(BOB)
     assert bob is not None
     assert bob.endpoint == BOB_PEER.endpoint
-    assert bob.persistent_keepalive == 25
+    assert bob.allowed_ips == ()
+    assert bob.persistent_keepalive == 3
     entry = store.load().interface(IFACE).get(BOB)
     assert entry is not None
     assert entry.added_at == NOW
-    assert entry.taken_from_hub == ()  # the hub carries a /24, not bob's /32
-    # The hub keeps its covering prefix: it is the fallback.
+    assert entry.allowed_ips == ()
     hub = device.peer(HUB)
     assert hub is not None
     assert hub.allowed_ips == (net("10.99.0.0/24"),)
+
+
+async def test_proven_peer_gets_its_routes_in_place(store: LedgerStore) -> None:
+    fake = make_fake()
+    await converge(fake, store, [BOB_PEER])
+    fake.writes.clear()
+    p = await converge(fake, store, [BOB_PEER], NOW + 1, routed=frozenset({BOB}))
+    assert p.operations == (SetAllowedIps(BOB, BOB_PEER.allowed_ips),)
+    bob = (await fake.get_device(IFACE)).peer(BOB)
+    assert bob is not None
+    assert bob.allowed_ips == BOB_PEER.allowed_ips
+    entry = store.load().interface(IFACE).get(BOB)
+    assert entry is not None
+    assert entry.allowed_ips == BOB_PEER.allowed_ips
+    assert entry.added_at == NOW  # routed in place: the same peer, the same session
+    assert entry.taken_from_hub == ()  # the hub carries a /24, not bob's /32
+    # The hub keeps its covering prefix: it is the fallback.
+    hub = (await fake.get_device(IFACE)).peer(HUB)
+    assert hub is not None
+    assert hub.allowed_ips == (net("10.99.0.0/24"),)
+
+
+async def test_unproven_again_peer_loses_its_routes_and_keeps_its_session(
+    store: LedgerStore,
+) -> None:
+    fake = make_fake()
+    await add_and_prove(fake, store, [BOB_PEER])
+    p = await converge(fake, store, [BOB_PEER], NOW + 2)
+    assert p.operations == (SetAllowedIps(BOB, ()),)
+
+
+async def test_passive_peer_is_added_without_endpoint_and_keeps_a_roamed_one(
+    store: LedgerStore,
+) -> None:
+    fake = make_fake()
+    passive = DirectPeer(BOB, None, (net("10.99.0.3/32"),))
+    p = await converge(fake, store, [passive])
+    assert p.operations == (SetPeer(PeerConfig(BOB, (), None, 3)),)
+    # The neighbour's handshake roams the endpoint in; nothing we plan may undo that.
+    roamed = Endpoint(ip_address("192.168.50.11"), 51820)
+    fake.update_peer(IFACE, BOB, endpoint=roamed)
+    p = await converge(fake, store, [passive], NOW + 1, routed=frozenset({BOB}))
+    assert p.operations == (SetAllowedIps(BOB, passive.allowed_ips),)
+    bob = (await fake.get_device(IFACE)).peer(BOB)
+    assert bob is not None
+    assert bob.endpoint == roamed
 
 
 async def test_identical_state_plans_zero_operations_and_writes_nothing(
@@ -101,12 +167,14 @@ async def test_identical_state_plans_zero_operations_and_writes_nothing(
     assert entry.added_at == NOW  # unchanged peers keep their add time
 
 
-async def test_changed_endpoint_updates_the_peer_in_place(store: LedgerStore) -> None:
+async def test_changed_endpoint_re_adds_the_peer_unrouted(store: LedgerStore) -> None:
     fake = make_fake()
-    await converge(fake, store, [BOB_PEER])
+    await add_and_prove(fake, store, [BOB_PEER])
     moved = direct(BOB, "192.168.50.99", "10.99.0.3/32", port=40000)
-    p = await converge(fake, store, [moved], now=NOW + 5)
-    assert p.operations == (SetPeer(PeerConfig(BOB, moved.allowed_ips, moved.endpoint, 25)),)
+    p = await converge(fake, store, [moved], now=NOW + 5, routed=frozenset({BOB}))
+    # A new endpoint is a new path: removed (routes back to the hub at once), added
+    # afresh so WireGuard handshakes there, and routed only once that is proven.
+    assert p.operations == (RemovePeer(BOB), SetPeer(PeerConfig(BOB, (), moved.endpoint, 3)))
     bob = (await fake.get_device(IFACE)).peer(BOB)
     assert bob is not None
     assert bob.endpoint == moved.endpoint
@@ -136,7 +204,7 @@ async def test_peer_no_longer_desired_is_removed(store: LedgerStore) -> None:
 
 async def test_host_route_taken_from_hub_is_given_back_on_removal(store: LedgerStore) -> None:
     fake = make_fake(hub_ips=("10.99.0.1/32", "10.99.0.3/32", "10.99.0.4/32"))
-    await converge(fake, store, [BOB_PEER])
+    await add_and_prove(fake, store, [BOB_PEER])
     hub = (await fake.get_device(IFACE)).peer(HUB)
     assert hub is not None
     assert net("10.99.0.3/32") not in hub.allowed_ips  # WireGuard moved it to bob
@@ -159,9 +227,9 @@ async def test_route_taken_from_hub_follows_a_new_holder(store: LedgerStore) -> 
     # Bob leaves and carol (new key, same tunnel address) takes the route: the hub
     # must not get it back now, and carol's entry must remember it for later.
     fake = make_fake(hub_ips=("10.99.0.1/32", "10.99.0.3/32"))
-    await converge(fake, store, [BOB_PEER])
+    await add_and_prove(fake, store, [BOB_PEER])
     carol_same_ip = direct(CAROL, "192.168.50.12", "10.99.0.3/32")
-    await converge(fake, store, [carol_same_ip])
+    await add_and_prove(fake, store, [carol_same_ip])
     device = await fake.get_device(IFACE)
     carol = device.peer(CAROL)
     assert carol is not None
@@ -253,3 +321,29 @@ async def test_ledger_write_failure_leaves_the_device_alone(tmp_path: Path) -> N
     with pytest.raises(LedgerError):
         await apply(p, fake, IFACE, store)
     assert fake.writes == []
+
+
+def test_working_peer_keeps_its_endpoint_when_another_port_is_offered(
+    store: LedgerStore,
+) -> None:
+    configured = direct(BOB, "192.168.50.11", "10.99.0.3/32", port=40000)
+    ledger = InterfaceLedger.of(
+        [LedgerPeer(BOB, configured.endpoint, configured.allowed_ips, (), NOW)]
+    )
+    roamed = Endpoint(ip_address("192.168.50.11"), 51820)
+    device = DeviceState(
+        IFACE, OWN, 51820, (PeerState(BOB, (), roamed, latest_handshake=NOW + 50),)
+    )
+    offered_again = direct(BOB, "192.168.50.11", "10.99.0.3/32", port=40001)
+    lans = (net("192.168.50.0/24"),)
+    kept = keep_working_endpoints([offered_again], device, ledger, lans, NOW + 60, fresh_within=180)
+    assert kept == (configured,)  # so plan() writes nothing at all
+    # Without a fresh handshake, or with WireGuard's endpoint off the LAN, the offer wins.
+    stale = keep_working_endpoints(
+        [offered_again], device, ledger, lans, NOW + 50 + 181, fresh_within=180
+    )
+    assert stale == (offered_again,)
+    off_lan = keep_working_endpoints(
+        [offered_again], device, ledger, (net("192.168.60.0/24"),), NOW + 60, fresh_within=180
+    )
+    assert off_lan == (offered_again,)

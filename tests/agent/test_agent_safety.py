@@ -125,9 +125,6 @@ def test_bad_key_is_refused(pubkey: str, why: str) -> None:
 @pytest.mark.parametrize(
     ("endpoint", "port", "why"),
     [
-        (None, 51820, "no LAN endpoint"),
-        ("192.168.50.11", None, "no LAN endpoint"),
-        ("", 51820, "no LAN endpoint"),
         ("203.0.113.7", 51820, "outside the LANs"),
         ("192.168.50.10", 51820, "own LAN address"),
         ("192.168.50.0", 51820, "network or broadcast"),
@@ -179,7 +176,26 @@ def test_parse_answer_reads_wire_format() -> None:
 
 def test_parse_answer_accepts_wireguard_web_non_target() -> None:
     answer = parse_answer(_answer([{"pubkey": BOB, "ip": ["10.99.0.3/32"]}]))
-    assert filter_offers(answer.peers, CTX).refused[0].reason == "no LAN endpoint"
+    result = filter_offers(answer.peers, CTX)
+    assert result.refused == ()
+    assert result.accepted[0].passive
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "port"), [(None, 51820), ("192.168.50.11", None), ("", 51820)]
+)
+def test_offer_without_usable_endpoint_becomes_a_passive_peer(
+    endpoint: str | None, port: int | None
+) -> None:
+    result = filter_offers([offer(endpoint=endpoint, port=port)], CTX)
+    assert result.refused == ()
+    assert result.accepted == (DirectPeer(BOB, None, (ip_network("10.99.0.3/32"),)),)
+
+
+def test_passive_offer_is_still_judged_on_its_allowed_ips() -> None:
+    assert "hub's tunnel address" in refusal_of(
+        offer(endpoint=None, port=None, ip=["10.99.0.1/32"])
+    )
 
 
 def test_ten_thousand_peers_are_refused_whole() -> None:

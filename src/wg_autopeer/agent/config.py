@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
 
 from wg_autopeer.agent.localapi import group_id
 from wg_autopeer.configfile import read_toml
 from wg_autopeer.errors import ConfigError
+from wg_autopeer.wireguard.base import IPNetwork
 
 DEFAULT_CONFIG = Path("/etc/wg-autopeer/agent.toml")
 
@@ -29,7 +31,9 @@ class AgentConfig:
     tray: bool = True
     # How long the server may hold a blocking query.
     wait: int = 25
-    persistent_keepalive: int = 25
+    # Keepalive of direct peers, and how long a direct path may stay silent before
+    # its routes go back to the hub (agents send a heartbeat through it each second).
+    persistent_keepalive: int = 3
     handshake_timeout: float = 10.0
     handshake_stale_after: float = 180.0
     uapi_dir: Path = Path("/var/run/wireguard")
@@ -40,6 +44,9 @@ class AgentConfig:
     push: bool = True
     # Seconds to wait before the first report (the original design waited 5 s).
     first_report_delay: float = 0.0
+    # The tunnel network, when neither the hub peer's allowed IPs nor the interface
+    # address tell it (see agent/tunnel.py); None: find it out.
+    tunnel_network: IPNetwork | None = None
 
 
 _KEY_FORMS: dict[str, str] = {
@@ -57,6 +64,7 @@ _KEY_FORMS: dict[str, str] = {
     "control_group": 'the name of an existing group, e.g. "netdev"',
     "push": "true or false",
     "first_report_delay": "a number of seconds between 0 and 600",
+    "tunnel_network": 'a network, e.g. "10.99.0.0/24"',
 }
 
 
@@ -85,6 +93,16 @@ def _coerce(key: str, value: Any) -> Any:
         except ConfigError:
             raise ConfigError(key, f"expected {form}, got {value!r} (no such group)") from None
         return value
+    if key == "tunnel_network":
+        if not isinstance(value, str):
+            raise bad
+        try:
+            network = ip_network(value, strict=False)
+        except ValueError:
+            raise bad from None
+        if network.prefixlen in (0, network.max_prefixlen):
+            raise bad
+        return network
     if key in ("tray", "push"):
         if not isinstance(value, bool):
             raise bad

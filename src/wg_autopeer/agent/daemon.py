@@ -1,8 +1,8 @@
 """The agent's I/O shell: watch the network, report to the hub, apply what is safe.
 
 One ``InterfaceWorker`` (worker.py) per WireGuard interface runs the report
-loop; the ``Agent`` here owns them, the network watcher, the health checker,
-the local control commands and shutdown.
+loop and watches its direct paths; the ``Agent`` here owns the workers, the
+network watcher, the local control commands and shutdown.
 Decisions are made by the pure core (``safety.filter_offers``,
 ``reconcile.plan``, ``health.judge``); this module only gathers their inputs
 and carries out their outputs.
@@ -27,6 +27,7 @@ from wg_autopeer.agent.config import AgentConfig
 from wg_autopeer.agent.ledger import CachedLedgerStore
 from wg_autopeer.agent.localapi import STATUS_VERSION, as_jsonable
 from wg_autopeer.agent.worker import InterfaceStatus, InterfaceWorker
+from wg_autopeer.clock import SYSTEM_CLOCK, Clock
 from wg_autopeer.errors import (
     NoSuchInterface,
     WgAutopeerError,
@@ -38,19 +39,20 @@ from wg_autopeer.wireguard.base import WireGuardControl
 
 log = logging.getLogger(__name__)
 
-HEALTH_TICK = 1.0
-
 
 class Agent:
-    """Owns the workers, the network watcher, the health checker and shutdown."""
+    """Owns the workers, the network watcher and shutdown."""
 
     def __init__(
         self,
         config: AgentConfig,
         control: WireGuardControl,
         netview: NetView,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.config = config
+        self.clock = clock
         self.control = control
         self.netview = netview
         self.ledger_store = CachedLedgerStore(Path(config.state_dir) / "ledger.json")
@@ -78,7 +80,6 @@ class Agent:
         await self.sync_workers()
         background = [
             asyncio.create_task(self._watch_network(), name="netview"),
-            asyncio.create_task(self._health_loop(), name="health"),
             asyncio.create_task(self._mark_first_sync(), name="ready"),
         ]
         try:
@@ -181,17 +182,6 @@ class Agent:
                     log.error("%s: %s", worker.interface, exc)
             if self.config.push:
                 self.resync("network change")
-
-    async def _health_loop(self) -> None:
-        while True:
-            await asyncio.sleep(HEALTH_TICK)
-            for worker in list(self.workers.values()):
-                if not self.enabled or not self.snapshot.lan_uplinks():
-                    continue
-                try:
-                    await worker.check_health()
-                except WireGuardError as exc:
-                    log.debug("%s: health check failed: %s", worker.interface, exc)
 
     async def _leave_all(self) -> None:
         """Tell the servers we go, so neighbours drop us within a second."""

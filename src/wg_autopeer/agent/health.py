@@ -1,19 +1,25 @@
-"""Is a direct peer working? A pure judgement, plus back-off for peers that failed.
+"""Is a direct path proven, alive, or dead? Pure judgements, plus back-off for failures.
 
-A direct peer is judged from what the device reports (its latest handshake),
-when the agent last configured it, and the current wall-clock time (WireGuard
-reports handshakes in seconds since the epoch, so ``now`` must be ``time.time()``).
+Make before break: a direct peer is first put on the device with its LAN
+endpoint and a short keepalive but *without* the neighbour's tunnel routes, so
+traffic keeps going through the hub while the two try to handshake. Only a
+proven path gets the routes; a path that stops working loses them at once.
 
-- ``PENDING``: no handshake yet, but configured less than ``handshake_timeout`` ago.
-- ``HEALTHY``: a handshake younger than ``stale_after``. WireGuard rekeys every
-  120 s while packets flow, and the agent sets a persistent keepalive, so a live
-  peer always has a handshake younger than about two minutes; 135 s leaves a margin.
-- ``FAILED``: no handshake within ``handshake_timeout``, or the latest one is stale.
+- ``PENDING``: on the device, no routes, no handshake yet, within its grace.
+- ``PASSIVE``: the server gave no endpoint (the neighbour reported no listen
+  port: the seed's agent, wireguard-web). Nothing to try from here; the
+  neighbour's own handshake proves the path. No grace runs out.
+- ``ACTIVE``: proven (a fresh handshake and bytes received) and carrying routes.
+  It stays so while bytes keep arriving: both agents send a heartbeat through
+  every active path each second (``HEARTBEAT_INTERVAL``), so silence for longer
+  than ``dead_after`` (the direct keepalive) means the path is gone. A passive
+  path, whose neighbour may send no heartbeat, is judged by handshake age only.
+- ``FAILED``: no handshake within the grace, nothing received for
+  ``dead_after`` seconds, a stale handshake, or the peer vanished.
 
-Kept simple on purpose: when the agent updates a peer in place (new endpoint),
-WireGuard keeps its last handshake, so the peer stays ``HEALTHY`` until that
-handshake goes stale and only then fails. A peer that was removed and added
-again starts with no handshake and gets a fresh ``handshake_timeout``.
+Handshake times are wall-clock epoch seconds (that is what WireGuard reports),
+so ``now`` there is ``time.time()``; silence is measured by ``RxWatch`` on a
+monotonic clock.
 """
 
 from __future__ import annotations
@@ -26,57 +32,118 @@ from dataclasses import dataclass
 from wg_autopeer.wireguard.base import PeerState
 
 HANDSHAKE_TIMEOUT = 10.0
-STALE_AFTER = 135.0
+STALE_AFTER = 180.0
 SUPPRESS_BASE = 30.0
 SUPPRESS_CAP = 600.0
+# Each agent sends one small datagram per second through every active direct path.
+HEARTBEAT_INTERVAL = 1.0
+# How often paths are looked at: often while one is being proven, so that both
+# sides of a pair move their routes within a fraction of a second of each other.
+PENDING_TICK = 0.2
+ACTIVE_TICK = 0.5
 
 
-class HealthState(enum.Enum):
+class PathState(enum.Enum):
     PENDING = "pending"
-    HEALTHY = "healthy"
+    PASSIVE = "passive"
+    ACTIVE = "active"
     FAILED = "failed"
 
 
 @dataclass(frozen=True)
 class Health:
-    """The verdict on one direct peer; ``reason`` is set when it ``FAILED``."""
+    """The verdict on one direct path; ``reason`` is set when it ``FAILED``."""
 
-    state: HealthState
+    state: PathState
     reason: str | None = None
 
     @property
     def failed(self) -> bool:
-        return self.state is HealthState.FAILED
+        return self.state is PathState.FAILED
+
+    @property
+    def routable(self) -> bool:
+        """The path is proven: the neighbour's routes belong on it."""
+        return self.state is PathState.ACTIVE
 
 
-PENDING = Health(HealthState.PENDING)
-HEALTHY = Health(HealthState.HEALTHY)
+PENDING = Health(PathState.PENDING)
+PASSIVE = Health(PathState.PASSIVE)
+ACTIVE = Health(PathState.ACTIVE)
 
 
 def judge(
     peer: PeerState | None,
+    *,
+    routed: bool,
+    passive: bool,
     added_at: float,
     now: float,
-    *,
+    rx_idle: float,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    dead_after: float = 3.0,
     stale_after: float = STALE_AFTER,
 ) -> Health:
-    """Judge one direct peer configured at ``added_at`` (epoch seconds) as of ``now``.
+    """Judge one direct path as of ``now`` (epoch seconds).
 
-    ``peer`` is None when the peer is no longer on the device: that is a failure,
-    since the agent put it there and something else took it away.
+    ``routed``: the neighbour's routes are on the peer now. ``passive``: the peer
+    has no endpoint of ours to try. ``added_at``: when the agent put it on the
+    device. ``rx_idle``: seconds since its received bytes last grew.
+    ``peer`` is None when the peer is no longer on the device: a failure, since
+    the agent put it there and something else took it away.
     """
     if peer is None:
-        return Health(HealthState.FAILED, "peer is no longer on the device")
+        return Health(PathState.FAILED, "peer is no longer on the device")
     # Backends report "never" as None, but the kernel's raw value for it is 0.
     handshake = peer.latest_handshake or None
-    if handshake is not None and now - handshake <= stale_after:
-        return HEALTHY
-    if now - added_at < handshake_timeout:
-        return PENDING
+    fresh = handshake is not None and now - handshake <= stale_after
+    if not routed:
+        # A peer being proven was added fresh, so any handshake it has is with the
+        # neighbour at this endpoint, and a completed one means both ways work.
+        if fresh and peer.rx_bytes > 0:
+            return ACTIVE
+        if passive:
+            return PASSIVE
+        if now - added_at < handshake_timeout:
+            return PENDING
+        return Health(PathState.FAILED, f"no handshake within {handshake_timeout:g} s")
     if handshake is None:
-        return Health(HealthState.FAILED, f"no handshake within {handshake_timeout:g} s")
-    return Health(HealthState.FAILED, f"handshake stale for {int(now - handshake)} s")
+        return Health(PathState.FAILED, "no handshake")
+    if not fresh:
+        return Health(PathState.FAILED, f"handshake stale for {int(now - handshake)} s")
+    if not passive and rx_idle > dead_after:
+        return Health(PathState.FAILED, f"nothing received for {rx_idle:.1f} s")
+    return ACTIVE
+
+
+class RxWatch:
+    """How long each peer's received-bytes counter has stood still (monotonic seconds).
+
+    ``clock`` is injectable so tests run on a fake clock without sleeping.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._seen: dict[str, tuple[int, float]] = {}
+
+    def observe(self, public_key: str, rx_bytes: int) -> float:
+        """Record the counter; returns seconds since it last grew (0 when it just did)."""
+        now = self._clock()
+        last = self._seen.get(public_key)
+        # Any change counts: a counter that went down belongs to a re-created peer.
+        if last is None or rx_bytes != last[0]:
+            self._seen[public_key] = (rx_bytes, now)
+            return 0.0
+        return now - last[1]
+
+    def restart(self, public_key: str) -> None:
+        """Start the silence clock afresh (a path just proven gets a full window)."""
+        self._seen.pop(public_key, None)
+
+    def retain(self, public_keys: Iterable[str]) -> None:
+        keep = set(public_keys)
+        for key in [k for k in self._seen if k not in keep]:
+            del self._seen[key]
 
 
 @dataclass

@@ -38,7 +38,9 @@ from wg_autopeer.wireguard.base import Endpoint, IPNetwork
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2
+# Version 1 had the same fields, with an endpoint always set: it reads as is.
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,9 @@ class LedgerPeer:
     """One direct peer the agent added on an interface."""
 
     public_key: str
-    endpoint: Endpoint
+    # The endpoint the agent configured; None for a passive peer.
+    endpoint: Endpoint | None
+    # The tunnel routes on the peer now: none while its path is not proven yet.
     allowed_ips: tuple[IPNetwork, ...]
     # Host routes the hub peer carried explicitly when this peer took them; given back on removal.
     taken_from_hub: tuple[IPNetwork, ...] = ()
@@ -135,7 +139,7 @@ class _EndpointRecord(BaseModel):
 class _PeerRecord(BaseModel):
     model_config = ConfigDict(extra="forbid")
     public_key: str
-    endpoint: _EndpointRecord
+    endpoint: _EndpointRecord | None
     allowed_ips: list[str]
     taken_from_hub: list[str] = Field(default_factory=list)
     added_at: float = 0.0
@@ -160,7 +164,9 @@ def _to_json(ledger: Ledger) -> dict[str, Any]:
                 "peers": [
                     {
                         "public_key": p.public_key,
-                        "endpoint": {"address": str(p.endpoint.address), "port": p.endpoint.port},
+                        "endpoint": None
+                        if p.endpoint is None
+                        else {"address": str(p.endpoint.address), "port": p.endpoint.port},
                         "allowed_ips": [str(n) for n in p.allowed_ips],
                         "taken_from_hub": [str(n) for n in p.taken_from_hub],
                         "added_at": p.added_at,
@@ -180,7 +186,9 @@ def _from_file(data: _LedgerFile) -> Ledger:
         peers = [
             LedgerPeer(
                 public_key=p.public_key,
-                endpoint=Endpoint(ip_address(p.endpoint.address), p.endpoint.port),
+                endpoint=None
+                if p.endpoint is None
+                else Endpoint(ip_address(p.endpoint.address), p.endpoint.port),
                 allowed_ips=tuple(ip_network(n) for n in p.allowed_ips),
                 taken_from_hub=tuple(ip_network(n) for n in p.taken_from_hub),
                 added_at=p.added_at,
@@ -213,7 +221,7 @@ class LedgerStore:
             version = json.loads(raw).get("version")
         except (ValueError, AttributeError):
             return self._set_aside("not JSON or torn")
-        if version != VERSION:
+        if version not in READABLE_VERSIONS:
             return self._set_aside(f"unknown version {version!r} (this agent reads {VERSION})")
         try:
             return _from_file(_LedgerFile.model_validate_json(raw))

@@ -6,6 +6,10 @@ the ledger to keep. It only ever removes or changes peers that are in the
 ledger; a peer on the device that the agent did not add is never touched.
 Applying a plan and planning again yields no operation.
 
+Make before break: a direct peer carries the neighbour's tunnel routes only once
+its path is proven (see ``health``); until then it sits on the device with its
+endpoint and keepalive only, and traffic keeps flowing through the hub.
+
 Host routes and the hub: WireGuard moves an allowed IP to the last peer that
 claims it. When the hub peer carries a neighbour's /32 explicitly, adding the
 direct peer takes that route from the hub; the ledger records it and, when the
@@ -17,7 +21,7 @@ as one prefix loses nothing: the longer /32 simply wins.)
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from wg_autopeer.agent.ledger import InterfaceLedger, LedgerPeer, LedgerStore
@@ -26,11 +30,10 @@ from wg_autopeer.wireguard.base import (
     DeviceState,
     IPNetwork,
     PeerConfig,
-    PeerState,
     WireGuardControl,
 )
 
-DEFAULT_KEEPALIVE = 25
+DEFAULT_KEEPALIVE = 3
 
 
 @dataclass(frozen=True)
@@ -75,15 +78,6 @@ class Plan:
         return not self.operations and self.ledger == self.previous
 
 
-def _same(peer: PeerState, want: DirectPeer, keepalive: int) -> bool:
-    return (
-        peer.endpoint == want.endpoint
-        and set(peer.allowed_ips) == set(want.allowed_ips)
-        # Devices report "off" as None or 0.
-        and (peer.persistent_keepalive or 0) == keepalive
-    )
-
-
 def plan(
     desired: Sequence[DirectPeer],
     device: DeviceState,
@@ -91,13 +85,23 @@ def plan(
     hub_key: str,
     keepalive: int = DEFAULT_KEEPALIVE,
     *,
+    routed: Collection[str] = frozenset(),
     now: float | None = None,
 ) -> Plan:
     """Operations that turn ``device`` into hub + foreign peers + ``desired``.
 
+    Make before break: only the peers named in ``routed`` (paths already proven)
+    carry the neighbour's tunnel routes; every other desired peer is put on the
+    device with its endpoint and keepalive and no routes, so traffic stays on the
+    hub until it is proven. A peer whose offered endpoint changed is removed and
+    added afresh, unrouted: the new endpoint has to prove itself, and WireGuard
+    starts a new handshake only for a new peer. The endpoint that the device
+    reports is never written back: WireGuard roams it to where the neighbour's
+    packets really come from.
+
     Order: removals first, then host routes given back to the hub, then adds and
-    updates — so a route freed by one peer can be taken by another in the same plan.
-    ``now`` (epoch seconds) stamps new or changed ledger entries.
+    updates, so a route freed by one peer can be taken by another in the same plan.
+    ``now`` (epoch seconds) stamps new or re-added ledger entries.
     """
     stamp = time.time() if now is None else now
     on_device = {p.public_key: p for p in device.peers}
@@ -112,7 +116,7 @@ def plan(
 
     wanted: dict[str, DirectPeer] = {}
     skipped: list[Refusal] = []
-    claimed: set[IPNetwork] = set()
+    offered: set[IPNetwork] = set()
     for peer in desired:
         reason = None
         if peer.public_key == hub_key:
@@ -121,13 +125,24 @@ def plan(
             reason = "is a peer the agent did not add"
         elif peer.public_key in wanted:
             reason = "is desired twice"
-        elif foreign_ips.intersection(peer.allowed_ips) or claimed.intersection(peer.allowed_ips):
+        elif foreign_ips.intersection(peer.allowed_ips) or offered.intersection(peer.allowed_ips):
             reason = "claims an allowed IP another peer owns"
         if reason is not None:
             skipped.append(Refusal(peer.public_key, f"not applied: {reason}"))
             continue
         wanted[peer.public_key] = peer
-        claimed.update(peer.allowed_ips)
+        offered.update(peer.allowed_ips)
+
+    fresh = {
+        key
+        for key, want in wanted.items()
+        if key not in on_device or (old := ledger.get(key)) is None or old.endpoint != want.endpoint
+    }
+    routes = {
+        key: want.allowed_ips if key in routed and key not in fresh else ()
+        for key, want in wanted.items()
+    }
+    claimed = {ip for ips in routes.values() for ip in ips}
 
     # Routes the agent took from the hub earlier, whoever in the ledger holds them now.
     taken_before = {ip for entry in ledger for ip in entry.taken_from_hub}
@@ -135,7 +150,8 @@ def plan(
     operations: list[Operation] = [
         RemovePeer(entry.public_key)
         for entry in ledger
-        if entry.public_key not in wanted and entry.public_key in on_device
+        if entry.public_key in on_device
+        and (entry.public_key not in wanted or entry.public_key in fresh)
     ]
 
     give_back = [
@@ -151,23 +167,59 @@ def plan(
     for key, want in wanted.items():
         current = on_device.get(key)
         old = ledger.get(key)
-        changed = current is None or not _same(current, want, keepalive)
-        if changed:
-            operations.append(
-                SetPeer(
-                    PeerConfig(
-                        public_key=key,
-                        allowed_ips=want.allowed_ips,
-                        endpoint=want.endpoint,
-                        persistent_keepalive=keepalive,
-                    )
-                )
-            )
-        taken = tuple(ip for ip in want.allowed_ips if ip in hub_ips or ip in taken_before)
-        added_at = old.added_at if old is not None and not changed else stamp
-        entries.append(LedgerPeer(key, want.endpoint, want.allowed_ips, taken, added_at))
+        allowed = routes[key]
+        if key in fresh or current is None or old is None:
+            operations.append(SetPeer(PeerConfig(key, allowed, want.endpoint, keepalive)))
+            added_at = stamp
+        else:
+            # Devices report "off" as None or 0.
+            if (current.persistent_keepalive or 0) != keepalive:
+                # No endpoint in the update: the one WireGuard roamed to stays.
+                operations.append(SetPeer(PeerConfig(key, allowed, None, keepalive)))
+            elif set(current.allowed_ips) != set(allowed):
+                operations.append(SetAllowedIps(key, allowed))
+            added_at = old.added_at
+        taken = tuple(ip for ip in allowed if ip in hub_ips or ip in taken_before)
+        entries.append(LedgerPeer(key, want.endpoint, allowed, taken, added_at))
 
     return Plan(tuple(operations), InterfaceLedger.of(entries), ledger, tuple(skipped))
+
+
+def keep_working_endpoints(
+    desired: Sequence[DirectPeer],
+    device: DeviceState,
+    ledger: InterfaceLedger,
+    lan_networks: Sequence[IPNetwork],
+    now: float,
+    *,
+    fresh_within: float,
+) -> tuple[DirectPeer, ...]:
+    """``desired`` with the offered endpoint of each working peer replaced by the one
+    the agent configured before, so ``plan`` leaves that peer alone.
+
+    A peer works when it has a handshake younger than ``fresh_within`` seconds and
+    WireGuard has it at an address on one of our LANs. A server may offer another
+    port for it at any answer (wireguard-web offers the port its NAT showed the
+    hub); re-adding a working peer at that port would break a proven path.
+    """
+    kept: list[DirectPeer] = []
+    for want in desired:
+        old = ledger.get(want.public_key)
+        current = device.peer(want.public_key)
+        handshake = current.latest_handshake if current is not None else None
+        working = (
+            old is not None
+            and current is not None
+            and current.endpoint is not None
+            and handshake is not None
+            and handshake > 0
+            and now - handshake <= fresh_within
+            and any(current.endpoint.address in net for net in lan_networks)
+        )
+        if working and old is not None and old.endpoint != want.endpoint:
+            want = DirectPeer(want.public_key, old.endpoint, want.allowed_ips)
+        kept.append(want)
+    return tuple(kept)
 
 
 def removal_plan(device: DeviceState, ledger: InterfaceLedger, hub_key: str) -> Plan:

@@ -2,7 +2,7 @@
 
 Everything the server answers is checked here before it reaches the device.
 An offer becomes a ``DirectPeer`` only when its key is a fresh WireGuard key,
-its endpoint lies on one of the LANs this agent reported, and every allowed IP
+its endpoint (if it has one) lies on one of the LANs this agent reported, and every allowed IP
 is a host route of a neighbour inside the tunnel network that nobody else on
 the device owns. Anything else is refused with a readable reason. Pure.
 """
@@ -29,11 +29,20 @@ MAX_ALLOWED_IPS_PER_PEER = 16
 
 @dataclass(frozen=True)
 class DirectPeer:
-    """A neighbour on the LAN, safe to add as a direct WireGuard peer."""
+    """A neighbour on the LAN, safe to add as a direct WireGuard peer.
+
+    ``endpoint`` is None for a passive peer: the server knows no port of the
+    neighbour's (it reported none), so the agent adds the key alone and waits for
+    the neighbour's handshake to show where it is.
+    """
 
     public_key: str
-    endpoint: Endpoint
+    endpoint: Endpoint | None
     allowed_ips: tuple[IPNetwork, ...]
+
+    @property
+    def passive(self) -> bool:
+        return self.endpoint is None
 
 
 @dataclass(frozen=True)
@@ -91,10 +100,12 @@ def _network_or_broadcast(address: IPAddress, networks: Sequence[IPNetwork]) -> 
     )
 
 
-def _parse_endpoint(offer: PeerOffer, ctx: SafetyContext) -> Endpoint | str:
-    """The offer's endpoint, or the reason it is refused."""
+def _parse_endpoint(offer: PeerOffer, ctx: SafetyContext) -> Endpoint | str | None:
+    """The offer's endpoint, None for none (a passive peer), or the reason it is refused."""
     if not offer.endpoint or offer.port is None:
-        return "no LAN endpoint"
+        # An address without a port (or a port without an address) cannot be tried:
+        # wireguard-web and this server send neither for a neighbour of unknown port.
+        return None
     try:
         address = ip_address(offer.endpoint.strip().removeprefix("[").removesuffix("]"))
     except ValueError:

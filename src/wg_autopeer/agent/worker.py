@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -19,18 +20,27 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from wg_autopeer.agent.backoff import Backoff
-from wg_autopeer.agent.client import PeeringClient, default_server_url
-from wg_autopeer.agent.health import Suppressions, judge
-from wg_autopeer.agent.ledger import InterfaceLedger
-from wg_autopeer.agent.reconcile import Plan, apply, plan, removal_plan
+from wg_autopeer.agent.client import PeeringClient
+from wg_autopeer.agent.health import (
+    ACTIVE_TICK,
+    HEARTBEAT_INTERVAL,
+    PENDING_TICK,
+    PathState,
+    RxWatch,
+    Suppressions,
+    judge,
+)
+from wg_autopeer.agent.ledger import InterfaceLedger, LedgerPeer
+from wg_autopeer.agent.reconcile import Plan, apply, keep_working_endpoints, plan, removal_plan
 from wg_autopeer.agent.safety import DirectPeer, SafetyContext, filter_offers
+from wg_autopeer.agent.tunnel import Tunnel, find_hub, find_tunnel
 from wg_autopeer.errors import (
     NoSuchInterface,
     ServerError,
     UnsafeAnswer,
     WireGuardError,
 )
-from wg_autopeer.netview.model import IPInterface, LanUplink, NetSnapshot
+from wg_autopeer.netview.model import IPInterface, LanUplink
 from wg_autopeer.protocol import LanEntry
 from wg_autopeer.wireguard.base import DeviceState, IPAddress, IPNetwork
 
@@ -45,6 +55,11 @@ MIN_REQUEST_SPACING = 1.0
 QUICK_ANSWERS_ALLOWED = 3
 # Refusals remembered so each is logged once: four full answers' worth (256 offers each).
 MAX_REMEMBERED_REFUSALS = 1024
+# Heartbeats go to the discard port: nothing needs to listen there. What counts is
+# that the datagram crosses the direct path and shows in the neighbour's received
+# bytes (and a port-unreachable answer, if it sends one, shows in ours).
+HEARTBEAT_PORT = 9
+HEARTBEAT_PAYLOAD = b"wg-autopeer heartbeat\n"
 
 
 @dataclass
@@ -55,7 +70,11 @@ class DirectPeerStatus:
     handshake_age: float | None
     rx_bytes: int
     tx_bytes: int
+    # pending (being proven, no routes), passive (waits for the neighbour's
+    # handshake), active (proven, carries the routes), failed.
     health: str
+    # The neighbour's tunnel routes are on this peer now.
+    routed: bool = False
 
 
 @dataclass
@@ -67,21 +86,10 @@ class InterfaceStatus:
     last_contact: float | None = None
     last_outcome: str = "not contacted yet"
     blocking: bool = False
+    tunnel_network: list[str] = field(default_factory=list)
+    tunnel_network_source: str | None = None
     lan: list[str] = field(default_factory=list)
     direct_peers: list[DirectPeerStatus] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Tunnel:
-    """This interface's place in the VPN, worked out from its addresses and peers."""
-
-    addresses: tuple[IPInterface, ...]
-    server_url: str
-    hub_key: str
-
-    @property
-    def networks(self) -> tuple[IPNetwork, ...]:
-        return tuple(a.network for a in self.addresses)
 
 
 class InterfaceWorker:
@@ -93,7 +101,14 @@ class InterfaceWorker:
         self.wake = asyncio.Event()
         self.status = InterfaceStatus(interface)
         self.accepted: tuple[DirectPeer, ...] = ()
-        self.suppressions = Suppressions()
+        clock = agent.clock
+        self.suppressions = Suppressions(clock=clock.monotonic)
+        # Keys whose direct path is proven: only they get the neighbour's routes.
+        self.proven: set[str] = set()
+        self.rx_watch = RxWatch(clock.monotonic)
+        # Set whenever direct peers were added or changed: the path watch looks at once.
+        self.paths_changed = asyncio.Event()
+        self._heartbeat_sockets: dict[int, socket.socket] = {}
         self._refused_logged: set[tuple[str, str]] = set()
         self._etag: str | None = None
         self._quick_answers = 0
@@ -111,34 +126,32 @@ class InterfaceWorker:
 
     # -- inputs -----------------------------------------------------------------
 
-    def _tunnel(self, device: DeviceState, snapshot: NetSnapshot) -> Tunnel | None:
-        addresses = tuple(a.interface for a in snapshot.addresses if a.ifname == self.interface)
-        if not addresses:
-            self._set_outcome("the interface has no tunnel address")
-            return None
-        url = self.agent.config.server or default_server_url(addresses[0].network)
-        hub_key = self._find_hub(device, url)
-        if hub_key is None:
-            self._set_outcome("no hub peer found (no peer routes the server's address)")
-            return None
-        return Tunnel(addresses, url, hub_key)
+    def _addresses(self) -> tuple[IPInterface, ...]:
+        return tuple(
+            a.interface for a in self.agent.snapshot.addresses if a.ifname == self.interface
+        )
 
-    def _find_hub(self, device: DeviceState, url: str) -> str | None:
-        """The hub is the peer (not one of ours) that routes the server's address."""
-        ledger = self._ledger()
-        foreign = [p for p in device.peers if p.public_key not in ledger]
-        host = urlsplit(url).hostname or ""
-        try:
-            server = ip_address(host)
-        except ValueError:
-            return foreign[0].public_key if len(foreign) == 1 else None
-        best: tuple[int, str] | None = None
-        for peer in foreign:
-            for net in peer.allowed_ips:
-                covers = server.version == net.version and server in net
-                if covers and (best is None or net.prefixlen > best[0]):
-                    best = (net.prefixlen, peer.public_key)
-        return best[1] if best else None
+    def _tunnel(self, device: DeviceState) -> Tunnel | None:
+        found = find_tunnel(
+            device,
+            self._addresses(),
+            self._ledger().peers.keys(),
+            server=self.agent.config.server,
+            tunnel_network=self.agent.config.tunnel_network,
+        )
+        if isinstance(found, str):
+            self._set_outcome(found)
+            return None
+        self.status.tunnel_network = [str(n) for n in found.networks]
+        self.status.tunnel_network_source = found.network_source
+        return found
+
+    def _hub_key(self, device: DeviceState) -> str:
+        """The hub's key for giving routes back ("" when no hub can be told apart)."""
+        hub = find_hub(
+            device, self._addresses(), self._ledger().peers.keys(), self.agent.config.server
+        )
+        return hub.public_key if hub is not None else ""
 
     def _entries(self, device: DeviceState, uplinks: tuple[LanUplink, ...]) -> tuple[LanEntry, ...]:
         assert device.public_key is not None  # checked by the caller
@@ -182,6 +195,7 @@ class InterfaceWorker:
     # -- the loop ---------------------------------------------------------------
 
     async def run(self) -> None:
+        watch = asyncio.create_task(self._watch_paths(), name=f"paths-{self.interface}")
         try:
             # After a restart on a new network wireguard-go may still hold the old
             # source address for the hub (see rebind_hub): clear it before reporting.
@@ -201,6 +215,11 @@ class InterfaceWorker:
         except NoSuchInterface as exc:
             log.warning("%s: interface went away (%s); worker stops", self.interface, exc.reason)
         finally:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+            for sock in self._heartbeat_sockets.values():
+                sock.close()
+            self._heartbeat_sockets.clear()
             # A worker that dies still counts as done: readiness must not wait for it.
             self.first_cycle_done.set()
             if self._client is not None:
@@ -211,8 +230,7 @@ class InterfaceWorker:
         """One report and apply. Returns how long to wait for a wake-up before the
         next one, or None to go again at once (a blocking query just returned)."""
         agent = self.agent
-        snapshot = agent.snapshot
-        uplinks = snapshot.lan_uplinks()
+        uplinks = agent.snapshot.lan_uplinks()
         if not agent.enabled or not uplinks:
             why = "paused" if not agent.enabled else "no default gateway"
             await self.withdraw(why)
@@ -226,7 +244,7 @@ class InterfaceWorker:
         if device.public_key is None:
             self._set_outcome("the interface has no key")
             return agent.config.interval
-        tunnel = self._tunnel(device, snapshot)
+        tunnel = self._tunnel(device)
         if tunnel is None:
             return agent.config.interval
         self.status.server = tunnel.server_url
@@ -336,34 +354,45 @@ class InterfaceWorker:
     # -- applying ---------------------------------------------------------------
 
     async def reconcile(self, hub_key: str) -> None:
-        """Make the device hold exactly the accepted, unsuppressed direct peers."""
+        """Make the device hold exactly the accepted, unsuppressed direct peers, with
+        the neighbour's routes on the proven ones only."""
         desired = [p for p in self.accepted if not self.suppressions.is_suppressed(p.public_key)]
-        await self._apply(
-            lambda device, ledger: plan(
-                desired, device, ledger, hub_key, self.agent.config.persistent_keepalive
+        lans = tuple(u.address.network for u in self.agent.snapshot.lan_uplinks())
+        config = self.agent.config
+
+        def make_plan(device: DeviceState, ledger: InterfaceLedger) -> Plan:
+            wanted = keep_working_endpoints(
+                desired,
+                device,
+                ledger,
+                lans,
+                self.agent.clock.wall(),
+                fresh_within=config.handshake_stale_after,
             )
-        )
+            return plan(
+                wanted,
+                device,
+                ledger,
+                hub_key,
+                config.persistent_keepalive,
+                routed=self.proven,
+                now=self.agent.clock.wall(),
+            )
+
+        await self._apply(make_plan)
 
     async def withdraw(self, why: str) -> None:
         """Remove every direct peer this agent added here, giving routes back to the hub."""
         self.accepted = ()
         self._etag = None
+        self.proven.clear()
         ledger = self._ledger()
         if not len(ledger):
             return
         device = await self.agent.control.get_device(self.interface)
-        hub_key = self._hub_key_for_removal(device)
+        hub_key = self._hub_key(device)
         log.info("%s: removing %d direct peer(s): %s", self.interface, len(ledger), why)
         await self._apply(lambda device, ledger: removal_plan(device, ledger, hub_key))
-
-    def _hub_key_for_removal(self, device: DeviceState) -> str:
-        url = self.agent.config.server
-        if url is None:
-            addresses = [
-                a.interface for a in self.agent.snapshot.addresses if a.ifname == self.interface
-            ]
-            url = default_server_url(addresses[0].network) if addresses else ""
-        return self._find_hub(device, url) or ""
 
     async def _apply(self, make_plan: Callable[[DeviceState, InterfaceLedger], Plan]) -> None:
         async with self.agent.apply_lock:
@@ -378,6 +407,9 @@ class InterfaceWorker:
                 log.info("%s: %s", self.interface, op)
             await apply(the_plan, self.agent.control, self.interface, self.agent.ledger_store)
             self.agent.writes += len(the_plan.operations)
+            # A peer re-added at a new endpoint lost its routes: it must prove itself again.
+            self.proven.intersection_update(p.public_key for p in the_plan.ledger if p.allowed_ips)
+            self.paths_changed.set()
 
     def forget_etag(self) -> None:
         """Make the next report a plain one that gets a fresh answer at once."""
@@ -417,7 +449,7 @@ class InterfaceWorker:
         the hub path (and the report that rides on it) works at once.
         """
         device = await self.agent.control.get_device(self.interface)
-        hub_key = self._hub_key_for_removal(device)
+        hub_key = self._hub_key(device)
         hub = device.peer(hub_key) if hub_key else None
         if hub is None or hub.endpoint is None:
             return
@@ -427,8 +459,74 @@ class InterfaceWorker:
             "%s: re-applied the hub endpoint %s after a LAN change", self.interface, hub.endpoint
         )
 
-    async def check_health(self) -> None:
-        """Drop direct peers that do not handshake; they fall back to the hub."""
+    # -- direct paths -------------------------------------------------------------
+
+    async def _watch_paths(self) -> None:
+        """Look at the direct paths as often as their state needs, and no more often:
+        sub-second while one is being proven, each half second while one carries
+        traffic (and send the heartbeats), not at all while there is none."""
+        next_heartbeat = 0.0
+        while True:
+            self.paths_changed.clear()
+            delay: float | None = None
+            if self.agent.enabled and self.agent.snapshot.lan_uplinks():
+                try:
+                    delay = await self.check_paths()
+                except WireGuardError as exc:
+                    log.debug("%s: path check failed: %s", self.interface, exc)
+                    delay = ACTIVE_TICK
+            if self._active_routes():
+                now = self.agent.clock.monotonic()
+                if now >= next_heartbeat:
+                    self._send_heartbeats()
+                    next_heartbeat = now + HEARTBEAT_INTERVAL
+                delay = min(delay or ACTIVE_TICK, max(0.0, next_heartbeat - now))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self.paths_changed.wait()
+
+    def _active_routes(self) -> list[IPAddress]:
+        """The tunnel addresses of the neighbours reached over a proven, non-passive path."""
+        return [
+            ip.network_address
+            for entry in self._ledger()
+            if entry.endpoint is not None
+            for ip in entry.allowed_ips
+        ]
+
+    def _send_heartbeats(self) -> None:
+        """One datagram through each active direct path (see health.py for why)."""
+        for address in self._active_routes():
+            sock = self._heartbeat_socket(address.version)
+            if sock is None:
+                continue
+            with contextlib.suppress(OSError):
+                sock.sendto(HEARTBEAT_PAYLOAD, (str(address), HEARTBEAT_PORT))
+
+    def _heartbeat_socket(self, family: int) -> socket.socket | None:
+        """A non-blocking UDP socket bound to our tunnel address of that family, so the
+        heartbeat leaves through the tunnel whatever else routes the neighbour."""
+        sock = self._heartbeat_sockets.get(family)
+        if sock is not None:
+            return sock
+        own = next((a.ip for a in self._addresses() if a.version == family), None)
+        if own is None:
+            return None
+        sock = socket.socket(socket.AF_INET if family == 4 else socket.AF_INET6, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        try:
+            sock.bind((str(own), 0))
+        except OSError as exc:
+            sock.close()
+            log.debug("%s: no heartbeat socket on %s: %s", self.interface, own, exc)
+            return None
+        self._heartbeat_sockets[family] = sock
+        return sock
+
+    async def check_paths(self) -> float | None:
+        """Judge every direct path; move the routes of proven ones onto them, take the
+        routes of failed ones back to the hub. Returns when to look again (None:
+        only when something changes)."""
         # Ledger and device are read under the apply lock: an apply writes the ledger
         # first and the device next, so in between a peer being added would look as if
         # something had taken it off the device, and fail for nothing.
@@ -436,50 +534,111 @@ class InterfaceWorker:
             ledger = self._ledger()
             if not len(ledger) and not self.accepted:
                 self.status.direct_peers = []
-                return
+                return None
             # An empty ledger with accepted offers still goes on: a peer whose suppression
             # ran out is re-added below, even when it was the only one (the server's answer
             # has not changed, so no new answer would bring it back).
             device = await self.agent.control.get_device(self.interface)
-        now = time.time()
-        failed: list[str] = []
+        config = self.agent.config
+        now = self.agent.clock.wall()
+        changed = False
         peers: list[DirectPeerStatus] = []
+        states: list[PathState] = []
         for entry in ledger:
             state = device.peer(entry.public_key)
+            routed = bool(entry.allowed_ips)
             verdict = judge(
                 state,
-                entry.added_at,
-                now,
+                routed=routed,
+                passive=entry.endpoint is None,
+                added_at=entry.added_at,
+                now=now,
+                rx_idle=self.rx_watch.observe(entry.public_key, state.rx_bytes if state else 0),
                 handshake_timeout=self._handshake_timeout(),
-                stale_after=self.agent.config.handshake_stale_after,
+                dead_after=config.persistent_keepalive,
+                stale_after=config.handshake_stale_after,
             )
             if verdict.failed:
-                period = self.suppressions.record_failure(entry.public_key)
-                log.warning(
-                    "%s: direct peer %.10s… at %s failed: %s; back to the hub for %.0f s",
+                changed = True
+                self._path_failed(entry, verdict.reason or "failed", routed=routed)
+            elif verdict.routable and not routed:
+                changed = True
+                self.proven.add(entry.public_key)
+                self.rx_watch.restart(entry.public_key)
+                self.suppressions.record_healthy(entry.public_key)
+                log.info(
+                    "%s: direct path to %.10s… at %s proven; routes %s move onto it",
                     self.interface,
                     entry.public_key,
-                    entry.endpoint,
-                    verdict.reason,
-                    period,
+                    state.endpoint if state else entry.endpoint,
+                    ", ".join(str(ip) for ip in self._offered_routes(entry.public_key)),
                 )
-                failed.append(entry.public_key)
-            elif verdict.state.value == "healthy":
-                self.suppressions.record_healthy(entry.public_key)
+            states.append(verdict.state)
             handshake = state.latest_handshake if state else None
             peers.append(
                 DirectPeerStatus(
                     public_key=entry.public_key,
-                    endpoint=str(entry.endpoint),
+                    endpoint=str(state.endpoint if state and state.endpoint else entry.endpoint),
                     allowed_ips=[str(ip) for ip in entry.allowed_ips],
                     handshake_age=round(now - handshake, 1) if handshake else None,
                     rx_bytes=state.rx_bytes if state else 0,
                     tx_bytes=state.tx_bytes if state else 0,
                     health=verdict.state.value,
+                    routed=routed,
                 )
             )
         self.status.direct_peers = peers
-        hub_key = self._hub_key_for_removal(device)
-        if failed or self.accepted:
+        self.rx_watch.retain(ledger.peers.keys())
+        if changed or self.accepted:
             # Also re-adds peers whose suppression ran out; a no-op plan writes nothing.
-            await self.reconcile(hub_key)
+            await self.reconcile(self._hub_key(device))
+        if changed or PathState.PENDING in states:
+            return PENDING_TICK
+        if PathState.PASSIVE in states:
+            # A passive peer is proven by the neighbour's handshake, which may come
+            # whenever the neighbour learns of us: watch closely at first, then calmly.
+            young = any(
+                e.endpoint is None and now - e.added_at < self._handshake_timeout() for e in ledger
+            )
+            return PENDING_TICK if young else ACTIVE_TICK
+        if PathState.ACTIVE in states:
+            return ACTIVE_TICK
+        # Nothing on the device; a suppression running out brings a peer back.
+        remaining = [self.suppressions.remaining(p.public_key) for p in self.accepted]
+        waiting = [r for r in remaining if r > 0]
+        return min(waiting) if waiting else None
+
+    def _offered_routes(self, public_key: str) -> tuple[IPNetwork, ...]:
+        offer = next((p for p in self.accepted if p.public_key == public_key), None)
+        return offer.allowed_ips if offer is not None else ()
+
+    def _path_failed(self, entry: LedgerPeer, reason: str, *, routed: bool) -> None:
+        """Give a failed path's routes back to the hub (the next plan does it at once).
+
+        A passive peer stays on the device without routes: its neighbour (the seed's
+        agent, say) may keep sending to us directly, and only a peer that knows its
+        key lets that handshake prove the path again. Any other is removed and not
+        retried for a back-off period; a path that never carried traffic fails
+        quietly (logged once), since trying it cost nothing.
+        """
+        self.proven.discard(entry.public_key)
+        if entry.endpoint is None:
+            log.warning(
+                "%s: passive direct path to %.10s… failed: %s; routes back to the hub",
+                self.interface,
+                entry.public_key,
+                reason,
+            )
+            return
+        period = self.suppressions.record_failure(entry.public_key)
+        quiet = not routed and self.suppressions.failures(entry.public_key) > 1
+        log.log(
+            logging.DEBUG if quiet else logging.WARNING,
+            "%s: direct path to %.10s… at %s failed: %s; %s; next try in %.0f s",
+            self.interface,
+            entry.public_key,
+            entry.endpoint,
+            reason,
+            "routes back to the hub" if routed else "traffic never left the hub",
+            period,
+        )

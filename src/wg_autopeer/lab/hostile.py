@@ -283,7 +283,7 @@ def _head(status: int, reason: str, headers: dict[str, str]) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-def _simple(status: int, reason: str, content_type: str, body: bytes, **extra: str) -> bytes:
+def simple_answer(status: int, reason: str, content_type: str, body: bytes, **extra: str) -> bytes:
     headers = {
         "Content-Type": content_type,
         "Content-Length": str(len(body)),
@@ -344,22 +344,26 @@ class HostileServer:
             return "sent 4096 random bytes"
         if mode is Mode.ERROR_500:
             writer.write(
-                _simple(500, "Internal Server Error", "application/json", b'{"error":"boom"}')
+                simple_answer(500, "Internal Server Error", "application/json", b'{"error":"boom"}')
             )
         elif mode is Mode.REDIRECT:
             writer.write(
-                _simple(307, "Temporary Redirect", "text/plain", b"", Location=REDIRECT_TARGET)
+                simple_answer(
+                    307, "Temporary Redirect", "text/plain", b"", Location=REDIRECT_TARGET
+                )
             )
         elif mode is Mode.HTML:
             page = b"<!doctype html><html><body><h1>It works!</h1></body></html>"
-            writer.write(_simple(200, "OK", "text/html; charset=utf-8", page))
+            writer.write(simple_answer(200, "OK", "text/html; charset=utf-8", page))
         elif mode is Mode.GARBAGE:
-            writer.write(_simple(200, "OK", "application/json", os.urandom(2048)))
+            writer.write(simple_answer(200, "OK", "application/json", os.urandom(2048)))
         elif mode is Mode.GZIP_BOMB:
             bomb = gzip.compress(huge_json(HUGE_BODY_BYTES), compresslevel=9)
-            writer.write(_simple(200, "OK", "application/json", bomb, Content_Encoding="gzip"))
+            writer.write(
+                simple_answer(200, "OK", "application/json", bomb, Content_Encoding="gzip")
+            )
         elif mode is Mode.MANY_PEERS:
-            writer.write(_simple(200, "OK", "application/json", many_peers_body(caller)))
+            writer.write(simple_answer(200, "OK", "application/json", many_peers_body(caller)))
         elif mode is Mode.HUGE_BODY:
             return await self._stream(writer, chunked=False)
         elif mode is Mode.HUGE_CHUNKED:
@@ -369,7 +373,7 @@ class HostileServer:
         elif mode is Mode.SPIN:
             self._generation += 1
             writer.write(
-                _simple(
+                simple_answer(
                     200,
                     "OK",
                     "application/json",
@@ -379,7 +383,7 @@ class HostileServer:
             )
         else:
             body = json.dumps({"peers": hostile_offers(self.setting, caller)}).encode()
-            writer.write(_simple(200, "OK", "application/json", body))
+            writer.write(simple_answer(200, "OK", "application/json", body))
         await writer.drain()
         return "answered"
 

@@ -38,6 +38,7 @@ from wg_autopeer.errors import LabError
 from wg_autopeer.lab.topology import (
     CLIENT_LAN_IF,
     ROUTER_LAN_IF,
+    SWITCH_HOST,
     WAN_BRIDGE,
     WAN_IF,
     ClientSpec,
@@ -807,6 +808,14 @@ class Lab:
             "endpoint", f"{hub.wan.ip}:{hub.listen_port}",
         )  # fmt: skip
 
+    def set_isolation(self, lan: str, on: bool) -> None:
+        """Switch client isolation of ``lan`` on or off while the lab runs (as an access
+        point's setting would): its clients then reach the router, not each other."""
+        self._require_up()
+        for client in self.topology.clients:
+            if client.lan == lan:
+                self._isolate_port(client.name, on)
+
     def set_address(self, host: str, address: IPv4Interface) -> None:
         """Replace a client's LAN address; its default route survives when still reachable.
 
@@ -1123,11 +1132,12 @@ class Lab:
         )
         self._sysctl(lan.router, "net.ipv4.ip_forward=1")
         if lan.masquerade:
+            ports = " random,fully-random" if lan.random_ports else ""
             ruleset = (
                 "table ip nat {\n"
                 "  chain postrouting {\n"
                 "    type nat hook postrouting priority srcnat;\n"
-                f'    oifname "{WAN_IF}" masquerade\n'
+                f'    oifname "{WAN_IF}" masquerade{ports}\n'
                 "  }\n"
                 "}\n"
             )
@@ -1146,6 +1156,8 @@ class Lab:
             f"route add default via {lan.gateway.ip} dev {CLIENT_LAN_IF}",
         )
         self._gateways[client.name] = lan.gateway.ip
+        if lan.isolated:
+            self._isolate_port(client.name, True)
         self._start_wireguard(client.name, client.tunnel, client.listen_port)
         # The hub must know the client before the client's first keepalive arrives.
         self.run(
@@ -1158,6 +1170,16 @@ class Lab:
             client.name,
             "wg", "set", self.topology.wg_interface(client.name),
             *self._hub_peer_args(client),
+        )  # fmt: skip
+        if client.tunnel.network.prefixlen == client.tunnel.max_prefixlen:
+            # A /32 tunnel address brings no route of its own: wg-quick adds one per
+            # allowed IP of each peer, so the hub's tunnel network goes via the device.
+            self._ip(ns, f"route add {hub.tunnel.network} dev {self.wg_interface(client.name)}")
+
+    def _isolate_port(self, host: str, on: bool) -> None:
+        self.run(
+            SWITCH_HOST, "bridge", "link", "set", "dev", f"{host}-l",
+            "isolated", "on" if on else "off",
         )  # fmt: skip
 
     def _generate_key(self, host: str) -> None:

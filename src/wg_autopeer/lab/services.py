@@ -68,6 +68,60 @@ def start_server(
     return proc
 
 
+def _wait_answering(lab: Lab, proc: subprocess.Popen[bytes], url: str, log_name: str) -> None:
+    def answering() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"{log_name} exited with {proc.returncode}: see {lab.log_path(log_name)}"
+            )
+        result = lab.run(
+            lab.topology.hub.name, "curl", "-s", "-m", "1", "-o", "/dev/null", "-w", "%{http_code}",
+            url, check=False,
+        )  # fmt: skip
+        return result.stdout.strip() not in ("", "000")
+
+    if not wait_for(answering, timeout=15.0, interval=0.1):
+        raise RuntimeError(f"{log_name} did not answer: see {lab.log_path(log_name)}")
+
+
+def start_wgweb(lab: Lab, *, log_name: str = "wgweb") -> subprocess.Popen[bytes]:
+    """Start the wireguard-web-like server (lab/wgweb.py) where agents look by default."""
+    hub = lab.topology.hub.name
+    address = lab.tunnel_ip(hub)
+    proc = lab.spawn(
+        hub,
+        [
+            sys.executable, "-m", "wg_autopeer.lab.wgweb",
+            "--interface", lab.wg_interface(hub), "--listen", f"{address}:{SERVER_PORT}",
+        ],
+        log_name=log_name,
+    )  # fmt: skip
+    _wait_answering(lab, proc, f"http://{address}:{SERVER_PORT}/peering-request", log_name)
+    return proc
+
+
+def start_seed_agent(lab: Lab, host: str, *, interval: float = 5.0) -> subprocess.Popen[bytes]:
+    """Start an agent that behaves like the seed's original one (lab/seedagent.py)."""
+    hub = lab.topology.hub.name
+    return lab.spawn(
+        host,
+        [
+            sys.executable, "-m", "wg_autopeer.lab.seedagent",
+            "--interface", lab.wg_interface(host),
+            "--server", f"http://{lab.tunnel_ip(hub)}:{SERVER_PORT}/peering-request",
+            "--interval", f"{interval:g}",
+        ],
+        log_name=f"seedagent-{host}",
+    )  # fmt: skip
+
+
+def routes_via_direct_peer(lab: Lab, host: str, other: str) -> bool:
+    """True when ``host`` sends traffic for ``other`` over a direct peer (its tunnel
+    address is an allowed IP of ``other``'s key there), not through the hub."""
+    peer = direct_peers(lab, host).get(lab.public_key(other))
+    return peer is not None and any(lab.tunnel_ip(other) in net for net in peer.allowed_ips)
+
+
 def agent_dirs(lab: Lab, host: str) -> tuple[Path, Path]:
     """State and runtime dirs of ``host``'s agent (inside the lab dir, per host)."""
     base = lab.lab_dir / f"agent-{host}"

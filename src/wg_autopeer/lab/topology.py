@@ -65,6 +65,12 @@ class LanSpec:
     wan: IPv4Interface
     gateway: IPv4Interface
     masquerade: bool = True
+    # A NAT that picks a random source port for every mapping (nftables
+    # ``masquerade random,fully-random``), as many carrier and corporate NATs do.
+    random_ports: bool = False
+    # Wi-Fi client isolation (hotels, guest networks): clients on this LAN reach
+    # the router but not each other (bridge ports ``isolated on``).
+    isolated: bool = False
 
     @property
     def network(self) -> IPv4Network:
