@@ -23,7 +23,15 @@ from bench.common import REPO, Machine, Options, PartResult, Row, log, write_jso
 from wg_autopeer.lab import lab_unavailable_reason
 
 # Run order: the CPU-heavy server part first, the lab parts after it.
-PARTS = ("server_scale", "convergence", "fallback", "footprint", "gain", "timeline")
+PARTS = (
+    "server_scale",
+    "convergence",
+    "fallback",
+    "pathswitch",
+    "footprint",
+    "gain",
+    "timeline",
+)
 DOC = REPO / "docs" / "benchmarks.md"
 DOC_PLOT = REPO / "docs" / "benchmarks-timeline.png"
 TABLE_START = "<!-- bench:summary:start -->"

@@ -206,3 +206,32 @@ def test_refreshing_an_unchanged_registration_wakes_nobody() -> None:
     event = registry.change_event(A)
     assert registry.put(reg(B, "203.0.113.5", HOME, expires_at=NOW + 500)) is False
     assert not event.is_set()
+
+
+def test_matching_is_symmetric_with_and_without_listen_ports() -> None:
+    # A mixed fleet: a and c report their listen port, b (the seed's agent) does not.
+    # Whoever is offered to one side of a pair has that side offered back, so neither
+    # is left routing to a neighbour that does not know it.
+    a = reg(A, "203.0.113.10", ("192.168.50.10", 24, "192.168.50.1", 51820), tunnel="10.99.0.2")
+    b = reg(B, "203.0.113.10", ("192.168.50.11", 24, "192.168.50.1", None), tunnel="10.99.0.3")
+    c = reg(C, "203.0.113.10", ("192.168.50.12", 24, "192.168.50.9", 51820), tunnel="10.99.0.4")
+    everyone = (a, b, c)
+    for one in everyone:
+        for other in everyone:
+            if one is other:
+                continue
+            rest = [r for r in everyone if r is not one]
+            there = other.pubkey in match(one, *rest)
+            back = one.pubkey in match(other, *[r for r in everyone if r is not other])
+            assert there == back, (one.pubkey, other.pubkey)
+    regs = {r.pubkey: r for r in everyone}
+    index: dict[GroupKey, set[str]] = {}
+    for r in everyone:
+        for g in r.group_keys():
+            index.setdefault(g, set()).add(r.pubkey)
+    to_a = {o.pubkey: o for o in neighbours(a, index, regs, Policy(), NOW)}
+    to_b = {o.pubkey: o for o in neighbours(b, index, regs, Policy(), NOW)}
+    # a gets b without an endpoint (a passive peer); b gets a with one.
+    assert (to_a[B].endpoint, to_a[B].port) == (None, None)
+    assert (to_b[A].endpoint, to_b[A].port) == ("192.168.50.10", 51820)
+    assert C not in to_a  # another gateway: no match either way

@@ -178,17 +178,23 @@ def format_status(answer: dict[str, Any], now: float | None = None) -> str:
             f"  last contact:  {_age(now - contact if contact else None)}: {iface['last_outcome']}",
             *(f"  LAN:           {lan}" for lan in lans),
         ]
+        if iface.get("tunnel_network"):
+            lines.append(
+                f"  tunnel:        {', '.join(iface['tunnel_network'])}"
+                f" (from the {iface.get('tunnel_network_source') or '?'})"
+            )
         peers = iface.get("direct_peers") or []
         if not peers:
             lines.append("  direct peers:  none")
             continue
         lines.append(f"  direct peers:  {len(peers)}")
+        # TUNNEL IP is "via hub" while a path is being proven: its routes are not on it yet.
         rows = [("PEER", "TUNNEL IP", "ENDPOINT", "HANDSHAKE", "RX", "TX", "HEALTH")]
         for p in peers:
             rows.append(
                 (
                     p["public_key"][:10] + "…",
-                    ", ".join(p.get("allowed_ips") or []) or "-",
+                    ", ".join(p.get("allowed_ips") or []) or "- (via hub)",
                     p["endpoint"],
                     _age(p.get("handshake_age")),
                     _bytes(p["rx_bytes"]),

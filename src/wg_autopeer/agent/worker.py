@@ -589,8 +589,13 @@ class InterfaceWorker:
             )
         self.status.direct_peers = peers
         self.rx_watch.retain(ledger.peers.keys())
-        if changed or self.accepted:
-            # Also re-adds peers whose suppression ran out; a no-op plan writes nothing.
+        # A peer whose suppression ran out comes back here: the server's answer has not
+        # changed, so no new answer would bring it back.
+        returning = any(
+            p.public_key not in ledger and not self.suppressions.is_suppressed(p.public_key)
+            for p in self.accepted
+        )
+        if changed or returning:
             await self.reconcile(self._hub_key(device))
         if changed or PathState.PENDING in states:
             return PENDING_TICK

@@ -170,14 +170,17 @@ def direct_peers(lab: Lab, host: str) -> dict[str, PeerState]:
 
 
 def has_direct_peer(lab: Lab, host: str, other: str, *, handshake: bool = True) -> bool:
-    """True when ``host`` holds ``other`` as a direct peer at its LAN address
-    (and, with ``handshake``, has completed a handshake with it)."""
+    """True when ``host`` holds ``other`` as a direct peer at its LAN address (and,
+    with ``handshake``, the path is proven: a handshake completed and ``other``'s
+    tunnel address routes over it, so traffic between them goes direct)."""
     peer = direct_peers(lab, host).get(lab.public_key(other))
     if peer is None or peer.endpoint is None:
         return False
     if str(peer.endpoint.address) != str(lab.lan_ip(other)):
         return False
-    return not handshake or bool(peer.latest_handshake)
+    if not handshake:
+        return True
+    return bool(peer.latest_handshake) and routes_via_direct_peer(lab, host, other)
 
 
 def curl_peering(

@@ -1,0 +1,222 @@
+"""The worker's path watch on an in-memory device and a fake clock: prove, route, fall back.
+
+No root, no network, no sleeping: the device is ``FakeWireGuard``, handshakes and
+received bytes are set on it by hand, and time moves only when the test says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from ipaddress import IPv4Interface, ip_address, ip_network
+from pathlib import Path
+
+import pytest
+from agent_keys import key
+
+from wg_autopeer.agent.config import AgentConfig
+from wg_autopeer.agent.daemon import Agent
+from wg_autopeer.agent.health import PENDING_TICK
+from wg_autopeer.agent.safety import DirectPeer
+from wg_autopeer.agent.worker import InterfaceWorker
+from wg_autopeer.clock import Clock
+from wg_autopeer.netview.base import NetView
+from wg_autopeer.netview.model import Address, DefaultRoute, Link, NetChange, NetSnapshot
+from wg_autopeer.wireguard.base import Endpoint, PeerState
+from wg_autopeer.wireguard.fake import FakeWireGuard
+
+WG = "wg0"
+OWN, HUB, BOB = key(1), key(2), key(4)
+BOB_ROUTE = ip_network("10.99.0.3/32")
+BOB_LAN = Endpoint(ip_address("192.168.50.11"), 51820)
+BOB_OFFER = DirectPeer(BOB, BOB_LAN, (BOB_ROUTE,))
+HUB_ROUTES = (ip_network("10.99.0.0/24"),)
+SNAPSHOT = NetSnapshot(
+    links=(Link(1, "eth0", True), Link(2, WG, True, "wireguard", is_wireguard=True)),
+    addresses=(
+        Address(1, "eth0", IPv4Interface("192.168.50.10/24")),
+        Address(2, WG, IPv4Interface("10.99.0.2/24")),
+    ),
+    default_routes=(DefaultRoute(1, "eth0", ip_address("192.168.50.1")),),
+)
+
+
+@dataclass
+class FakeTime:
+    wall: float = 1_700_000_000.0
+    mono: float = 5_000.0
+
+    def advance(self, seconds: float) -> None:
+        self.wall += seconds
+        self.mono += seconds
+
+    def clock(self) -> Clock:
+        return Clock(wall=lambda: self.wall, monotonic=lambda: self.mono)
+
+
+class StillNetView(NetView):
+    async def snapshot(self) -> NetSnapshot:
+        return SNAPSHOT
+
+    async def changes(self) -> AsyncIterator[NetChange]:  # pragma: no cover - never iterated
+        return
+        yield
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def time_() -> FakeTime:
+    return FakeTime()
+
+
+@pytest.fixture
+def device() -> FakeWireGuard:
+    fake = FakeWireGuard()
+    fake.add_device(
+        WG, OWN, peers=(PeerState(HUB, HUB_ROUTES, Endpoint(ip_address("203.0.113.1"), 51820)),)
+    )
+    return fake
+
+
+@pytest.fixture
+def worker(tmp_path: Path, device: FakeWireGuard, time_: FakeTime) -> InterfaceWorker:
+    config = replace(AgentConfig(), state_dir=tmp_path, runtime_dir=tmp_path, tray=False)
+    agent = Agent(config, device, StillNetView(), clock=time_.clock())
+    agent.snapshot = SNAPSHOT
+    worker = InterfaceWorker(agent, WG)
+    agent.workers[WG] = worker
+    return worker
+
+
+async def bob(device: FakeWireGuard) -> PeerState | None:
+    return (await device.get_device(WG)).peer(BOB)
+
+
+async def offered(worker: InterfaceWorker, *peers: DirectPeer) -> None:
+    worker.accepted = peers
+    await worker.reconcile(HUB)
+
+
+async def test_new_neighbour_waits_unrouted_until_its_handshake(
+    worker: InterfaceWorker, device: FakeWireGuard, time_: FakeTime
+) -> None:
+    await offered(worker, BOB_OFFER)
+    peer = await bob(device)
+    assert peer is not None
+    assert (peer.endpoint, peer.allowed_ips, peer.persistent_keepalive) == (BOB_LAN, (), 3)
+    assert await worker.check_paths() == PENDING_TICK
+    assert worker.status.direct_peers[0].health == "pending"
+    assert not worker.status.direct_peers[0].routed
+
+    time_.advance(0.4)
+    device.update_peer(WG, BOB, latest_handshake=time_.wall, rx_bytes=92)
+    await worker.check_paths()
+    peer = await bob(device)
+    assert peer is not None
+    assert peer.allowed_ips == (BOB_ROUTE,)
+    assert peer.endpoint == BOB_LAN
+    await worker.check_paths()
+    assert (worker.status.direct_peers[0].health, worker.status.direct_peers[0].routed) == (
+        "active",
+        True,
+    )
+
+
+async def test_silent_active_path_goes_back_to_the_hub_after_the_keepalive(
+    worker: InterfaceWorker, device: FakeWireGuard, time_: FakeTime
+) -> None:
+    await offered(worker, BOB_OFFER)
+    device.update_peer(WG, BOB, latest_handshake=time_.wall, rx_bytes=92)
+    await worker.check_paths()
+    assert worker.proven == {BOB}
+    for rx in (200, 300):  # heartbeats arriving
+        time_.advance(1.0)
+        device.update_peer(WG, BOB, rx_bytes=rx)
+        await worker.check_paths()
+    time_.advance(2.9)
+    await worker.check_paths()
+    assert await bob(device) is not None  # within the keepalive: still direct
+    time_.advance(0.3)
+    await worker.check_paths()
+    assert await bob(device) is None  # silent for 3.2 s: removed, routes back on the hub
+    hub = (await device.get_device(WG)).peer(HUB)
+    assert hub is not None
+    assert hub.allowed_ips == HUB_ROUTES
+    assert worker.suppressions.is_suppressed(BOB)
+
+
+async def test_path_that_never_handshakes_fails_quietly_without_ever_routing(
+    worker: InterfaceWorker,
+    device: FakeWireGuard,
+    time_: FakeTime,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="wg_autopeer")
+    writes: list[tuple[str, ...]] = []
+    config = worker.agent.config
+    # Before any answer said the server holds queries, the grace includes a polling interval.
+    grace = config.handshake_timeout + config.interval
+    for _ in range(3):
+        await offered(worker, BOB_OFFER)
+        peer = await bob(device)
+        assert peer is not None
+        assert peer.allowed_ips == ()
+        time_.advance(grace + 0.1)
+        await worker.check_paths()
+        assert await bob(device) is None
+        writes += [w for w in device.writes if w[0] == "set_allowed_ips"]
+        time_.advance(worker.suppressions.remaining(BOB) + 0.1)
+    assert writes == []  # no route ever moved
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and "failed" in r.message]
+    assert len(warnings) == 1  # logged once; the retries go to debug
+
+
+async def test_passive_neighbour_has_no_deadline_and_is_routed_on_its_handshake(
+    worker: InterfaceWorker, device: FakeWireGuard, time_: FakeTime
+) -> None:
+    passive = DirectPeer(BOB, None, (BOB_ROUTE,))
+    await offered(worker, passive)
+    peer = await bob(device)
+    assert peer is not None
+    assert (peer.endpoint, peer.allowed_ips) == (None, ())
+    time_.advance(3600)
+    await worker.check_paths()
+    assert worker.status.direct_peers[0].health == "passive"
+    # The neighbour's handshake arrives and WireGuard roams the endpoint in.
+    device.update_peer(WG, BOB, latest_handshake=time_.wall, rx_bytes=148, endpoint=BOB_LAN)
+    await worker.check_paths()
+    peer = await bob(device)
+    assert peer is not None
+    assert (peer.endpoint, peer.allowed_ips) == (BOB_LAN, (BOB_ROUTE,))
+    # Its silence alone does not drop it (the seed's agent sends no heartbeat)...
+    time_.advance(60)
+    await worker.check_paths()
+    peer = await bob(device)
+    assert peer is not None
+    assert peer.allowed_ips == (BOB_ROUTE,)
+    # ...a stale handshake takes the routes back, and the key stays for its next one.
+    time_.advance(121)
+    await worker.check_paths()
+    peer = await bob(device)
+    assert peer is not None
+    assert peer.allowed_ips == ()
+
+
+async def test_working_endpoint_is_not_overwritten_by_another_offered_port(
+    worker: InterfaceWorker, device: FakeWireGuard, time_: FakeTime
+) -> None:
+    nat_port = DirectPeer(BOB, Endpoint(BOB_LAN.address, 40000), (BOB_ROUTE,))
+    await offered(worker, nat_port)
+    # bob's own handshake came from his real port: WireGuard roamed the endpoint.
+    device.update_peer(WG, BOB, latest_handshake=time_.wall, rx_bytes=92, endpoint=BOB_LAN)
+    await worker.check_paths()
+    device.writes.clear()
+    await offered(worker, DirectPeer(BOB, Endpoint(BOB_LAN.address, 40001), (BOB_ROUTE,)))
+    await offered(worker, nat_port)
+    assert device.writes == []
+    peer = await bob(device)
+    assert peer is not None
+    assert (peer.endpoint, peer.allowed_ips) == (BOB_LAN, (BOB_ROUTE,))
