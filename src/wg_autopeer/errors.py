@@ -13,6 +13,7 @@ boundary that meets them, with ``raise ... from exc``, so callers handle one tre
     │   └── ServerRefused         it answered with an error status (.status)
     ├── UnsafeAnswer              an answer the safety filter refused whole
     ├── LedgerError
+    ├── AlreadyRunning            another agent holds the state dir (.path, .pid)
     ├── ConfigError               (.key) a bad or unknown configuration key
     └── LabError
 """
@@ -74,6 +75,19 @@ class UnsafeAnswer(WgAutopeerError):
 
 class LedgerError(WgAutopeerError):
     """The ledger of peers the agent added could not be written."""
+
+
+class AlreadyRunning(WgAutopeerError):
+    """Another agent already runs with this state directory (or control socket)."""
+
+    def __init__(self, path: str, pid: int | None) -> None:
+        who = f"PID {pid}" if pid else "another process"
+        super().__init__(
+            f"another wg-autopeer agent ({who}) already runs with {path}; stop it first"
+            " (systemctl stop wg-autopeer-agent) or give this one its own --state-dir"
+        )
+        self.path = path
+        self.pid = pid
 
 
 class ConfigError(WgAutopeerError):

@@ -263,7 +263,7 @@ def test_two_tunnels_each_peer_directly_and_losing_one_server_keeps_healthy_peer
         )
         assert agent_call(lab, host, "status")["writes"] == writes[host]
         t2_status = _status(lab, host)[t2.interface(topo, host)]
-        assert [p["health"] for p in t2_status["direct_peers"]] == ["healthy"], t2_status
+        assert [p["health"] for p in t2_status["direct_peers"]] == ["active"], t2_status
     assert has_direct_peer(lab, "alice", "bob")
     assert _t2_paired(lab, t2, "alice", "bob")
     _ping_volume(lab, "alice", lab.tunnel_ip("bob"), count=3)

@@ -220,3 +220,15 @@ async def test_working_endpoint_is_not_overwritten_by_another_offered_port(
     peer = await bob(device)
     assert peer is not None
     assert (peer.endpoint, peer.allowed_ips) == (BOB_LAN, (BOB_ROUTE,))
+
+
+async def test_status_shows_a_new_peer_at_once_and_drops_a_removed_one(
+    worker: InterfaceWorker,
+) -> None:
+    passive = DirectPeer(key(5), None, (ip_network("10.99.0.5/32"),))
+    await offered(worker, BOB_OFFER, passive)
+    # No path check has run yet: status already tells what is on the device.
+    shown = {(p.public_key, p.health, p.routed) for p in worker.status.direct_peers}
+    assert shown == {(BOB, "pending", False), (key(5), "passive", False)}
+    await offered(worker, passive)
+    assert [p.public_key for p in worker.status.direct_peers] == [key(5)]

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from wg_autopeer.agent.localapi import AgentNotRunning
 from wg_autopeer.lab import Lab
 from wg_autopeer.lab.lab import wait_for
 from wg_autopeer.lab.services import (
@@ -58,11 +59,11 @@ def alice_status(lab: Lab) -> dict[str, Any]:
     return agent_call(lab, "alice", "status")
 
 
-def bob_seen_healthy(lab: Lab) -> bool:
+def bob_seen_active(lab: Lab) -> bool:
     peers = alice_status(lab)["interfaces"][0]["direct_peers"]
     return any(
         p["public_key"] == lab.public_key("bob")
-        and p["health"] == "healthy"
+        and p["health"] == "active"
         and p["handshake_age"] is not None
         for p in peers
     )
@@ -90,7 +91,7 @@ def test_status_shows_the_live_agent_and_sync_is_logged(
         start_agent(lab, host)
     assert wait_for(lambda: paired(lab), timeout=15)
     assert lab.ping("alice", lab.tunnel_ip("bob"), count=3, timeout=1)
-    assert wait_for(lambda: bob_seen_healthy(lab), timeout=10)
+    assert wait_for(lambda: bob_seen_active(lab), timeout=10)
 
     _, run_dir = agent_dirs(lab, "alice")
     human = cli("status", "--runtime-dir", str(run_dir))
@@ -112,7 +113,7 @@ def test_status_shows_the_live_agent_and_sync_is_logged(
     assert str(bob_peer.endpoint) in row
     assert re.search(r"\d+s ago", row)
     assert re.search(r"\d+(\.\d)? (B|KiB)\s+\d+(\.\d)? (B|KiB)", row), row
-    assert row.rstrip().endswith("healthy")
+    assert row.rstrip().endswith("active")
 
     as_json = cli("status", "--json", "--runtime-dir", str(run_dir))
     assert as_json.returncode == 0
@@ -188,3 +189,26 @@ def test_without_an_agent_status_and_sync_say_so_and_exit_3(tmp_path: Path, comm
     assert result.stderr.strip() == (
         f"wg-autopeer {command}: no agent is running (no socket at {tmp_path}/agent.sock)"
     )
+
+
+@pytest.mark.lab
+def test_second_agent_on_the_same_state_dir_exits_naming_the_first(lab_factory: Any) -> None:
+    lab = lab_factory()
+    start_server(lab)
+    first = start_agent(lab, "alice")
+    assert wait_for(lambda: alice_status_or_none(lab) is not None, timeout=15)
+    # Say `sudo wg-autopeer agent -v` while the service runs, same dirs.
+    second = start_agent(lab, "alice", log_name="agent-alice-second")
+    assert second.wait(timeout=30) == 1
+    message = lab.log_path("agent-alice-second").read_text()
+    assert f"PID {first.pid}" in message, message
+    assert first.poll() is None
+    # The first one's control socket was left alone and still answers.
+    assert alice_status(lab)["ok"] is True
+
+
+def alice_status_or_none(lab: Lab) -> dict[str, Any] | None:
+    try:
+        return alice_status(lab)
+    except AgentNotRunning:
+        return None

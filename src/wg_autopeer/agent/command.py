@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import sys
@@ -14,7 +15,8 @@ from typing import Any
 
 from wg_autopeer.agent import localapi, notify
 from wg_autopeer.agent.config import DEFAULT_CONFIG, load_agent_config, overrides_from_args
-from wg_autopeer.errors import ConfigError, NetViewError
+from wg_autopeer.agent.instance import InstanceLock, agent_dirs
+from wg_autopeer.errors import AlreadyRunning, ConfigError, NetViewError
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +58,25 @@ def run(args: argparse.Namespace) -> int:
     if problem is not None:
         print(problem, file=sys.stderr)
         return 2
+    dirs = agent_dirs(config.state_dir, config.runtime_dir)
+    for note in dirs.notes:
+        log.warning("%s", note)
+    config = dataclasses.replace(config, state_dir=dirs.state_dir, runtime_dir=dirs.runtime_dir)
     try:
-        return asyncio.run(_serve(config))
-    except NetViewError as exc:
+        lock = InstanceLock(config.state_dir)
+    except AlreadyRunning as exc:
         print(f"wg-autopeer agent: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        print(f"wg-autopeer agent: cannot use state dir {config.state_dir}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return asyncio.run(_serve(config))
+    except (NetViewError, AlreadyRunning) as exc:
+        print(f"wg-autopeer agent: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        lock.release()
 
 
 async def _serve(config: Any) -> int:

@@ -24,7 +24,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from wg_autopeer.errors import ConfigError
+from wg_autopeer.agent.instance import control_socket_dirs
+from wg_autopeer.errors import AlreadyRunning, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,11 @@ class LocalApiServer:
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
+        """Serve the socket. Raises ``AlreadyRunning`` when a live agent answers on it:
+        only a stale socket (left by a crash) is replaced."""
         self._make_dir()
+        if _answers(self.path):
+            raise AlreadyRunning(str(self.path), None)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         old_umask = os.umask(0o177)
@@ -146,9 +151,27 @@ class AgentNotRunning(Exception):
     """No agent answers on the control socket."""
 
 
+def _answers(path: Path) -> bool:
+    """True when something accepts connections on the unix socket ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def find_socket(runtime_dir: Path) -> Path:
+    """The agent's socket: in ``runtime_dir``, or where an agent run by a desktop user
+    puts it (``$XDG_RUNTIME_DIR/wg-autopeer``) when the default dir has none."""
+    candidates = [socket_path(d) for d in control_socket_dirs(runtime_dir)]
+    return next((p for p in candidates if p.exists()), candidates[0])
+
+
 def call(runtime_dir: Path, command: str, timeout: float = 5.0) -> dict[str, Any]:
     """Send one command to the running agent (blocking; for the CLI and the tray thread)."""
-    path = socket_path(runtime_dir)
+    path = find_socket(runtime_dir)
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)

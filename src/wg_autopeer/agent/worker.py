@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import time
@@ -409,6 +410,7 @@ class InterfaceWorker:
             self.agent.writes += len(the_plan.operations)
             # A peer re-added at a new endpoint lost its routes: it must prove itself again.
             self.proven.intersection_update(p.public_key for p in the_plan.ledger if p.allowed_ips)
+            self._status_after(the_plan.ledger)
             self.paths_changed.set()
 
     def forget_etag(self) -> None:
@@ -612,6 +614,30 @@ class InterfaceWorker:
         remaining = [self.suppressions.remaining(p.public_key) for p in self.accepted]
         waiting = [r for r in remaining if r > 0]
         return min(waiting) if waiting else None
+
+    def _status_after(self, ledger: InterfaceLedger) -> None:
+        """Make ``status`` show what was just applied, before the path watch looks: a
+        new peer is there at once (``pending`` or ``passive``), a removed one is gone."""
+        known = {p.public_key: p for p in self.status.direct_peers}
+        peers: list[DirectPeerStatus] = []
+        for entry in ledger:
+            old = known.get(entry.public_key)
+            routed = bool(entry.allowed_ips)
+            if old is None:
+                waiting = PathState.PASSIVE if entry.endpoint is None else PathState.PENDING
+                old = DirectPeerStatus(
+                    entry.public_key, str(entry.endpoint), [], None, 0, 0, waiting.value
+                )
+            health = PathState.ACTIVE.value if routed else old.health
+            peers.append(
+                dataclasses.replace(
+                    old,
+                    allowed_ips=[str(ip) for ip in entry.allowed_ips],
+                    routed=routed,
+                    health=health,
+                )
+            )
+        self.status.direct_peers = peers
 
     def _offered_routes(self, public_key: str) -> tuple[IPNetwork, ...]:
         offer = next((p for p in self.accepted if p.public_key == public_key), None)
