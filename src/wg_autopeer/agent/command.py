@@ -101,6 +101,11 @@ async def _serve(config: Any) -> int:
         tray = start_tray_if_possible(config.runtime_dir)
     try:
         await agent.run()
+        if agent.exit_code:
+            log.critical(
+                "the agent stopped: a background task kept failing (%s)",
+                "; ".join(f"{k}: {v}" for k, v in agent.supervisor.degraded.items()),
+            )
     finally:
         ready.cancel()
         notify.stopping()
@@ -109,7 +114,7 @@ async def _serve(config: Any) -> int:
         await api.close()
         await netview.close()
         await control.close()
-    return 0
+    return agent.exit_code
 
 
 def _ask_agent(args: argparse.Namespace, command: str) -> dict[str, Any] | None:

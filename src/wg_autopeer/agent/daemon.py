@@ -22,15 +22,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from wg_autopeer.agent.backoff import Backoff
+from wg_autopeer.agent import notify
 from wg_autopeer.agent.config import AgentConfig
 from wg_autopeer.agent.ledger import CachedLedgerStore
 from wg_autopeer.agent.localapi import STATUS_VERSION, as_jsonable
+from wg_autopeer.agent.supervise import Supervisor
 from wg_autopeer.agent.worker import InterfaceStatus, InterfaceWorker
 from wg_autopeer.clock import SYSTEM_CLOCK, Clock
 from wg_autopeer.errors import (
     NoSuchInterface,
-    WgAutopeerError,
     WireGuardError,
 )
 from wg_autopeer.netview.base import NetView
@@ -66,6 +66,9 @@ class Agent:
         self.first_sync_done = asyncio.Event()
         self.writes = 0
         self.started_at = time.time()
+        # Non-zero when the agent stops because a background task kept failing.
+        self.exit_code = 0
+        self.supervisor = Supervisor(self._give_up, monotonic=clock.monotonic)
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -79,8 +82,11 @@ class Agent:
         await self.recover()
         await self.sync_workers()
         background = [
-            asyncio.create_task(self._watch_network(), name="netview"),
+            asyncio.create_task(
+                self.supervisor.run("network watch", self._watch_network), name="netview"
+            ),
             asyncio.create_task(self._mark_first_sync(), name="ready"),
+            asyncio.create_task(self._keep_watchdog_fed(), name="watchdog"),
         ]
         try:
             await self.stopping.wait()
@@ -100,6 +106,20 @@ class Agent:
     def stop(self) -> None:
         log.info("stopping")
         self.stopping.set()
+
+    def _give_up(self, task: str) -> None:
+        self.exit_code = 1
+        self.stop()
+
+    async def _keep_watchdog_fed(self) -> None:
+        """Tell systemd the loop is alive (WATCHDOG=1) at half its WatchdogSec; a loop
+        stuck for longer gets the agent restarted. No-op outside systemd."""
+        period = notify.watchdog_period()
+        if period is None:
+            return
+        while True:
+            notify.notify("WATCHDOG=1")
+            await asyncio.sleep(period / 2)
 
     def resync(self, why: str) -> None:
         """Report again now, every interface, asking for a fresh answer (no held query)."""
@@ -154,15 +174,7 @@ class Agent:
                 self.workers.pop(name, None)
 
     async def _run_worker(self, worker: InterfaceWorker) -> None:
-        backoff = Backoff(base=1.0, cap=30.0)
-        while True:
-            try:
-                await worker.run()
-                return
-            except WgAutopeerError as exc:
-                delay = backoff.next_delay()
-                log.error("%s: %s; retrying in %.1f s", worker.interface, exc, delay)
-                await asyncio.sleep(delay)
+        await self.supervisor.run(f"worker {worker.interface}", worker.run)
 
     async def _watch_network(self) -> None:
         async for change in self.netview.changes():
@@ -212,6 +224,8 @@ class Agent:
                 "ok": True,
                 "version": STATUS_VERSION,
                 "enabled": self.enabled,
+                # Background tasks that failed and are being restarted, with why.
+                "degraded": dict(self.supervisor.degraded),
                 "started_at": self.started_at,
                 # WireGuard changes made since start: stays put while nothing changes.
                 "writes": self.writes,

@@ -166,7 +166,16 @@ def find_socket(runtime_dir: Path) -> Path:
     """The agent's socket: in ``runtime_dir``, or where an agent run by a desktop user
     puts it (``$XDG_RUNTIME_DIR/wg-autopeer``) when the default dir has none."""
     candidates = [socket_path(d) for d in control_socket_dirs(runtime_dir)]
-    return next((p for p in candidates if p.exists()), candidates[0])
+    for path in candidates:
+        try:
+            path.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError:
+            # There, but not ours to see (a root agent's 0700 dir): connecting says why.
+            return path
+        return path
+    return candidates[0]
 
 
 def call(runtime_dir: Path, command: str, timeout: float = 5.0) -> dict[str, Any]:

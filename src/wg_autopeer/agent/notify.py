@@ -40,6 +40,17 @@ def notify(message: str, env: Mapping[str, str] | None = None) -> bool:
     return True
 
 
+def watchdog_period(env: Mapping[str, str] | None = None) -> float | None:
+    """systemd's WatchdogSec in seconds (``WATCHDOG_USEC``) when it is meant for this
+    process (``WATCHDOG_PID`` unset or ours); None without a watchdog."""
+    env = os.environ if env is None else env
+    usec = env.get("WATCHDOG_USEC", "")
+    pid = env.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 1_000_000
+
+
 def ready(status: str) -> bool:
     """Tell systemd start-up is finished; ``status`` shows in ``systemctl status``."""
     return notify(f"READY=1\nSTATUS={status}")

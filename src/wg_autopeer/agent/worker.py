@@ -196,7 +196,10 @@ class InterfaceWorker:
     # -- the loop ---------------------------------------------------------------
 
     async def run(self) -> None:
-        watch = asyncio.create_task(self._watch_paths(), name=f"paths-{self.interface}")
+        watch = asyncio.create_task(
+            self.agent.supervisor.run(f"path watch {self.interface}", self.watch_paths),
+            name=f"paths-{self.interface}",
+        )
         try:
             # After a restart on a new network wireguard-go may still hold the old
             # source address for the hub (see rebind_hub): clear it before reporting.
@@ -463,7 +466,7 @@ class InterfaceWorker:
 
     # -- direct paths -------------------------------------------------------------
 
-    async def _watch_paths(self) -> None:
+    async def watch_paths(self) -> None:
         """Look at the direct paths as often as their state needs, and no more often:
         sub-second while one is being proven, each half second while one carries
         traffic (and send the heartbeats), not at all while there is none."""
