@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -130,3 +131,13 @@ async def test_first_sync_is_done_after_each_interface_had_its_first_cycle(
     # No LAN here (no default route): each worker's first cycle decided so, and that counts.
     assert set(agent.workers) == {"wg0", "wg1"}
     assert all(w.first_cycle_done.is_set() for w in agent.workers.values())
+
+
+def test_watchdog_period_is_systemds_when_meant_for_us() -> None:
+    from wg_autopeer.agent.notify import watchdog_period
+
+    assert watchdog_period({"WATCHDOG_USEC": "30000000"}) == 30.0
+    assert watchdog_period({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid())}) == 30.0
+    assert watchdog_period({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}) is None
+    assert watchdog_period({}) is None
+    assert watchdog_period({"WATCHDOG_USEC": "0"}) is None

@@ -46,13 +46,22 @@ SNAPSHOT = NetSnapshot(
 class FakeTime:
     wall: float = 1_700_000_000.0
     mono: float = 5_000.0
+    boot: float = 5_100.0
 
     def advance(self, seconds: float) -> None:
         self.wall += seconds
         self.mono += seconds
+        self.boot += seconds
+
+    def suspend(self, seconds: float) -> None:
+        """Time passes, but not for CLOCK_MONOTONIC (Linux stops it in suspend)."""
+        self.wall += seconds
+        self.boot += seconds
 
     def clock(self) -> Clock:
-        return Clock(wall=lambda: self.wall, monotonic=lambda: self.mono)
+        return Clock(
+            wall=lambda: self.wall, monotonic=lambda: self.mono, boottime=lambda: self.boot
+        )
 
 
 class StillNetView(NetView):
@@ -232,3 +241,35 @@ async def test_status_shows_a_new_peer_at_once_and_drops_a_removed_one(
     assert shown == {(BOB, "pending", False), (key(5), "passive", False)}
     await offered(worker, passive)
     assert [p.public_key for p in worker.status.direct_peers] == [key(5)]
+
+
+async def test_resume_from_suspend_restarts_paths_instead_of_failing_them(
+    worker: InterfaceWorker, device: FakeWireGuard, time_: FakeTime
+) -> None:
+    await offered(worker, BOB_OFFER)
+    device.update_peer(WG, BOB, latest_handshake=time_.wall, rx_bytes=92)
+    await worker.check_paths()
+    assert worker.proven == {BOB}
+    agent = worker.agent
+    assert agent.notice_clock_jump() is None
+    # An hour of suspend: wall and boot time move on, the monotonic clock does not.
+    time_.suspend(3600)
+    why = agent.notice_clock_jump()
+    assert why == "resumed after 3600 s of suspend"
+    assert worker.wake.is_set()  # re-sync at once
+    await worker.check_paths()
+    peer = await bob(device)
+    assert peer is not None  # not failed and suppressed as stale...
+    assert peer.allowed_ips == ()  # ...but back on the hub until proven again
+    assert not worker.suppressions.is_suppressed(BOB)
+    time_.advance(1.0)
+    device.update_peer(WG, BOB, latest_handshake=time_.wall, rx_bytes=400)
+    await worker.check_paths()
+    peer = await bob(device)
+    assert peer is not None
+    assert peer.allowed_ips == (BOB_ROUTE,)
+
+
+async def test_wall_clock_jump_is_noticed(worker: InterfaceWorker, time_: FakeTime) -> None:
+    time_.wall -= 7200  # NTP, or a user setting the clock back
+    assert worker.agent.notice_clock_jump() == "the wall clock jumped by -7200 s"

@@ -28,7 +28,7 @@ from wg_autopeer.agent.ledger import CachedLedgerStore
 from wg_autopeer.agent.localapi import STATUS_VERSION, as_jsonable
 from wg_autopeer.agent.supervise import Supervisor
 from wg_autopeer.agent.worker import InterfaceStatus, InterfaceWorker
-from wg_autopeer.clock import SYSTEM_CLOCK, Clock
+from wg_autopeer.clock import SYSTEM_CLOCK, Clock, jump_between
 from wg_autopeer.errors import (
     NoSuchInterface,
     WireGuardError,
@@ -38,6 +38,9 @@ from wg_autopeer.netview.model import NetSnapshot
 from wg_autopeer.wireguard.base import WireGuardControl
 
 log = logging.getLogger(__name__)
+
+# How often the clocks are compared for a resume or a jump.
+CLOCK_CHECK = 5.0
 
 
 class Agent:
@@ -69,6 +72,7 @@ class Agent:
         # Non-zero when the agent stops because a background task kept failing.
         self.exit_code = 0
         self.supervisor = Supervisor(self._give_up, monotonic=clock.monotonic)
+        self._clock_reading = clock.read()
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -87,6 +91,7 @@ class Agent:
             ),
             asyncio.create_task(self._mark_first_sync(), name="ready"),
             asyncio.create_task(self._keep_watchdog_fed(), name="watchdog"),
+            asyncio.create_task(self.supervisor.run("clock watch", self._watch_clock)),
         ]
         try:
             await self.stopping.wait()
@@ -110,6 +115,26 @@ class Agent:
     def _give_up(self, task: str) -> None:
         self.exit_code = 1
         self.stop()
+
+    async def _watch_clock(self) -> None:
+        while True:
+            await asyncio.sleep(CLOCK_CHECK)
+            self.notice_clock_jump()
+
+    def notice_clock_jump(self) -> str | None:
+        """After a resume or a clock jump, handshake ages and the time since a peer was
+        added mean nothing: re-sync at once and give every direct path a fresh start
+        (its routes back on the hub until it proves itself again) instead of failing
+        them all as stale. Returns why, when it happened."""
+        reading = self.clock.read()
+        why = jump_between(self._clock_reading, reading)
+        self._clock_reading = reading
+        if why is not None:
+            log.warning("%s: direct paths start afresh, re-syncing", why)
+            for worker in self.workers.values():
+                worker.restart_paths()
+            self.resync(why)
+        return why
 
     async def _keep_watchdog_fed(self) -> None:
         """Tell systemd the loop is alive (WATCHDOG=1) at half its WatchdogSec; a loop

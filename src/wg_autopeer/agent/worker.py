@@ -109,6 +109,8 @@ class InterfaceWorker:
         self.rx_watch = RxWatch(clock.monotonic)
         # Set whenever direct peers were added or changed: the path watch looks at once.
         self.paths_changed = asyncio.Event()
+        # Wall-clock time from which every path's grace runs at least (see restart_paths).
+        self._grace_from = 0.0
         self._heartbeat_sockets: dict[int, socket.socket] = {}
         self._refused_logged: set[tuple[str, str]] = set()
         self._etag: str | None = None
@@ -490,6 +492,15 @@ class InterfaceWorker:
                 async with asyncio.timeout(delay):
                     await self.paths_changed.wait()
 
+    def restart_paths(self) -> None:
+        """Treat every direct path as unproven from now on, with a full grace (after a
+        resume or a clock jump): routes go back to the hub at the next look, and each
+        path moves back onto its peer once a new handshake proves it."""
+        self.proven.clear()
+        self._grace_from = self.agent.clock.wall()
+        self.rx_watch.retain(())
+        self.paths_changed.set()
+
     def _active_routes(self) -> list[IPAddress]:
         """The tunnel addresses of the neighbours reached over a proven, non-passive path."""
         return [
@@ -551,12 +562,15 @@ class InterfaceWorker:
         states: list[PathState] = []
         for entry in ledger:
             state = device.peer(entry.public_key)
-            routed = bool(entry.allowed_ips)
+            # Routes on a peer whose proof was withdrawn (restart_paths) go back to the
+            # hub unless the path proves itself again right here.
+            routed = bool(entry.allowed_ips) and entry.public_key in self.proven
+            changed = changed or (bool(entry.allowed_ips) and not routed)
             verdict = judge(
                 state,
                 routed=routed,
                 passive=entry.endpoint is None,
-                added_at=entry.added_at,
+                added_at=max(entry.added_at, self._grace_from),
                 now=now,
                 rx_idle=self.rx_watch.observe(entry.public_key, state.rx_bytes if state else 0),
                 handshake_timeout=self._handshake_timeout(),
