@@ -171,3 +171,79 @@ def test_lan_uplinks_skip_wireguard_loopback_down_and_gatewayless_routes() -> No
         ),
     )
     assert snap.lan_uplinks() == ()
+
+
+def _uplink_names(snap: NetSnapshot) -> list[str]:
+    return [u.ifname for u in snap.lan_uplinks()]
+
+
+def test_vpn_tunnels_are_never_a_lan() -> None:
+    # A tun (OpenVPN), a ppp link and an IPsec/xfrm device, each with a default
+    # route and a gateway, beside the real LAN with a worse metric.
+    snap = NetSnapshot(
+        links=(
+            ETH,
+            Link(5, "tun0", up=True, kind="tun", link_type=0xFFFE),
+            Link(6, "ppp0", up=True, link_type=512),
+            Link(7, "ipsec0", up=True, kind="xfrm", link_type=0xFFFE),
+        ),
+        addresses=(
+            addr(2, "eth0", "192.168.50.10/24"),
+            addr(5, "tun0", "10.200.0.2/24"),
+            addr(6, "ppp0", "10.201.0.2/24"),
+            addr(7, "ipsec0", "10.202.0.2/24"),
+        ),
+        default_routes=(
+            route(2, "eth0", "192.168.50.1", 600),
+            route(5, "tun0", "10.200.0.1", 50),
+            route(6, "ppp0", "10.201.0.1", 50),
+            route(7, "ipsec0", "10.202.0.1", 50),
+        ),
+    )
+    assert _uplink_names(snap) == ["eth0"]
+
+
+def test_container_bridges_and_cgnat_space_are_never_a_lan() -> None:
+    snap = NetSnapshot(
+        links=(
+            ETH,
+            Link(8, "docker0", up=True, kind="bridge"),
+            Link(9, "br-3f2a1c", up=True, kind="bridge"),
+            Link(10, "wwan0", up=True),
+        ),
+        addresses=(
+            addr(2, "eth0", "192.168.50.10/24"),
+            addr(8, "docker0", "172.17.0.1/16"),
+            addr(9, "br-3f2a1c", "172.18.0.1/16"),
+            addr(10, "wwan0", "100.72.14.9/10"),
+        ),
+        default_routes=(
+            route(2, "eth0", "192.168.50.1", 100),
+            route(8, "docker0", "172.17.0.254", 10),
+            route(9, "br-3f2a1c", "172.18.0.254", 10),
+            route(10, "wwan0", "100.64.0.1", 10),
+        ),
+    )
+    assert _uplink_names(snap) == ["eth0"]
+
+
+def test_of_two_uplinks_the_preferred_default_route_wins_per_family() -> None:
+    wifi = Link(11, "wlan0", up=True)
+    snap = NetSnapshot(
+        links=(ETH, wifi),
+        addresses=(
+            addr(2, "eth0", "192.168.50.10/24"),
+            addr(11, "wlan0", "192.168.60.10/24"),
+            addr(11, "wlan0", "2001:db8:60::10/64"),
+        ),
+        default_routes=(
+            route(2, "eth0", "192.168.50.1", 100),
+            route(11, "wlan0", "192.168.60.1", 600),
+            route(11, "wlan0", "fe80::1", 600),
+        ),
+    )
+    # IPv4: the wired route (metric 100) is preferred; IPv6 only leaves by Wi-Fi.
+    assert [(u.ifname, str(u.address)) for u in snap.lan_uplinks()] == [
+        ("eth0", "192.168.50.10/24"),
+        ("wlan0", "2001:db8:60::10/64"),
+    ]

@@ -31,7 +31,14 @@ from pyroute2.netlink.rtnl import (
 
 from wg_autopeer.errors import NetViewError
 from wg_autopeer.netview.base import NetView, make_change
-from wg_autopeer.netview.model import Address, DefaultRoute, Link, NetChange, NetSnapshot
+from wg_autopeer.netview.model import (
+    ARPHRD_ETHER,
+    Address,
+    DefaultRoute,
+    Link,
+    NetChange,
+    NetSnapshot,
+)
 from wg_autopeer.wireguard.base import IPAddress
 
 log = logging.getLogger(__name__)
@@ -156,6 +163,7 @@ class LinuxNetView(NetView):
             kind=str(kind) if kind is not None else None,
             is_wireguard=is_wireguard,
             is_loopback=bool(flags & _IFF_LOOPBACK) or msg.get("ifi_type") == _ARPHRD_LOOPBACK,
+            link_type=int(msg.get("ifi_type") or ARPHRD_ETHER),
         )
 
     async def changes(self) -> AsyncIterator[NetChange]:

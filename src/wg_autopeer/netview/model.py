@@ -8,11 +8,26 @@ LAN peering differs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from ipaddress import IPv4Interface, IPv6Interface
+from ipaddress import IPv4Interface, IPv4Network, IPv6Interface
 
 from wg_autopeer.wireguard.base import IPAddress
 
 IPInterface = IPv4Interface | IPv6Interface
+
+# Link-layer types (linux/if_arp.h). A LAN a neighbour can share is Ethernet-like
+# (wired, Wi-Fi, bridges, VLANs, bonds); tun, ppp, WireGuard and IPsec links are
+# ARPHRD_NONE, PPP or a tunnel type.
+ARPHRD_ETHER = 1
+# Link kinds that carry a default route but are never a LAN: VPN and tunnel devices.
+TUNNEL_KINDS = frozenset(
+    {"tun", "wireguard", "ipip", "gre", "gretap", "sit", "vti", "vti6", "ip6tnl", "xfrm",
+     "ipsec", "vxlan", "geneve"}
+)  # fmt: skip
+# Container and VM bridges (and what hangs off them): never the LAN the host is on.
+CONTAINER_LINK_PREFIXES = ("docker", "br-", "cni", "podman", "virbr", "lxcbr", "flannel")
+# Carrier-grade NAT space (RFC 6598): the ISP's side of a NAT, or another VPN's
+# addresses (Tailscale), never a LAN of one's own.
+CGNAT = IPv4Network("100.64.0.0/10")
 
 
 @dataclass(frozen=True, order=True)
@@ -26,6 +41,18 @@ class Link:
     kind: str | None = None
     is_wireguard: bool = False
     is_loopback: bool = False
+    link_type: int = ARPHRD_ETHER
+
+    @property
+    def lan_capable(self) -> bool:
+        """Could this link be a LAN that neighbours share (see ``lan_uplinks``)?"""
+        return (
+            self.link_type == ARPHRD_ETHER
+            and not self.is_wireguard
+            and not self.is_loopback
+            and (self.kind or "") not in TUNNEL_KINDS
+            and not self.name.startswith(CONTAINER_LINK_PREFIXES)
+        )
 
 
 @dataclass(frozen=True, order=True)
@@ -67,21 +94,35 @@ class NetSnapshot:
         return None
 
     def lan_uplinks(self) -> tuple[LanUplink, ...]:
-        """The LANs this host sits on: every global address of an up, non-WireGuard,
-        non-loopback interface carrying a default route with a gateway of its family."""
-        uplinks: set[LanUplink] = set()
+        """The LANs this host sits on: per address family, the preferred default route
+        (lowest metric) that has a gateway and leaves through an up, LAN-capable link
+        (not a tunnel or VPN, not a container bridge), with each global address of
+        that link of the family that is not carrier-grade NAT space."""
+        best: dict[int, int] = {}
+        candidates: list[tuple[DefaultRoute, Link, list[IPInterface]]] = []
         for route in self.default_routes:
             link = self.link(route.ifindex)
-            if route.gateway is None or link is None or not link.up:
+            if route.gateway is None or link is None or not link.up or not link.lan_capable:
                 continue
-            if link.is_wireguard or link.is_loopback:
+            family = route.gateway.version
+            addresses = [
+                a.interface
+                for a in self.addresses
+                if a.ifindex == route.ifindex
+                and a.scope == "global"
+                and a.interface.version == family
+                and a.interface.ip not in CGNAT
+            ]
+            if not addresses:
                 continue
-            for addr in self.addresses:
-                if addr.ifindex != route.ifindex or addr.scope != "global":
-                    continue
-                if addr.interface.version != route.gateway.version:
-                    continue
-                uplinks.add(LanUplink(link.name, addr.interface, route.gateway))
+            candidates.append((route, link, addresses))
+            best[family] = min(best.get(family, route.metric), route.metric)
+        uplinks = {
+            LanUplink(link.name, address, route.gateway)
+            for route, link, addresses in candidates
+            if route.gateway is not None and route.metric == best[route.gateway.version]
+            for address in addresses
+        }
         return tuple(sorted(uplinks, key=lambda u: (u.ifname, u.address.version, str(u.address))))
 
     def wireguard_links(self) -> tuple[Link, ...]:
