@@ -191,9 +191,23 @@ class Bus:
     directory: Path
 
 
+@contextlib.contextmanager
+def private_bus(log: Path) -> Iterator[Bus]:
+    """A private dbus-daemon, ended by PID (with its socket's temp dir) afterwards."""
+    procs = Processes()
+    bus: Bus | None = None
+    try:
+        bus = start_bus(procs, log)
+        yield bus
+    finally:
+        procs.end_all()
+        if bus is not None:
+            shutil.rmtree(bus.directory, ignore_errors=True)
+
+
 def start_bus(processes: Processes, log: Path) -> Bus:
     """A private dbus-daemon; its address. The socket lives in a short temp dir (a
-    unix socket path has ~108 bytes), removed when the daemon has ended."""
+    unix socket path has ~108 bytes); the caller removes it after the daemon ends."""
     directory = Path(tempfile.mkdtemp(prefix="wgap-bus-"))
     config = directory / "bus.conf"
     config.write_text(BUS_CONFIG.format(socket=directory / "bus"))
@@ -507,34 +521,37 @@ class Desktop:
 @contextlib.contextmanager
 def xfce_desktop(processes: Processes, tmp: Path, size: str = "480x240x24") -> Iterator[Desktop]:
     """A desktop for one test: everything ended by PID and removed afterwards."""
-    display = start_xvfb(processes, tmp / "xvfb.log", size)
-    bus = start_bus(processes, tmp / "dbus.log")
-    home = tmp / "home"
-    runtime = tmp / "xdg-runtime"
-    for d in (home, runtime):
-        d.mkdir(mode=0o700)
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "LANG": "C.UTF-8",
-        "HOME": str(home),
-        "XDG_CONFIG_HOME": str(home / ".config"),
-        "XDG_CACHE_HOME": str(home / ".cache"),
-        "XDG_DATA_HOME": str(home / ".local/share"),
-        "XDG_RUNTIME_DIR": str(runtime),
-        "DISPLAY": display,
-        "DBUS_SESSION_BUS_ADDRESS": bus.address,
-        # No accessibility bus or dconf: they would be more daemons on the bus.
-        "NO_AT_BRIDGE": "1",
-        "GSETTINGS_BACKEND": "memory",
-    }
+    bus: Bus | None = None
     try:
+        display = start_xvfb(processes, tmp / "xvfb.log", size)
+        bus = start_bus(processes, tmp / "dbus.log")
+        home = tmp / "home"
+        runtime = tmp / "xdg-runtime"
+        for d in (home, runtime):
+            d.mkdir(mode=0o700)
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "LANG": "C.UTF-8",
+            "HOME": str(home),
+            "XDG_CONFIG_HOME": str(home / ".config"),
+            "XDG_CACHE_HOME": str(home / ".cache"),
+            "XDG_DATA_HOME": str(home / ".local/share"),
+            "XDG_RUNTIME_DIR": str(runtime),
+            "DISPLAY": display,
+            "DBUS_SESSION_BUS_ADDRESS": bus.address,
+            # No accessibility bus or dconf: they would be more daemons on the bus.
+            "NO_AT_BRIDGE": "1",
+            "GSETTINGS_BACKEND": "memory",
+        }
         xfconfd = xfconfd_path()
         assert xfconfd is not None
         processes.spawn([xfconfd], tmp / "xfconfd.log", env=env)
-        assert wait_for(lambda: name_owner(bus.address, "org.xfce.Xfconf"), timeout=15), (
+        address = bus.address
+        assert wait_for(lambda: name_owner(address, "org.xfce.Xfconf"), timeout=15), (
             tmp / "xfconfd.log"
         ).read_text()
         yield Desktop(processes, tmp, display, bus, env)
     finally:
         processes.end_all()
-        shutil.rmtree(bus.directory, ignore_errors=True)
+        if bus is not None:
+            shutil.rmtree(bus.directory, ignore_errors=True)

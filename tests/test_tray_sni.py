@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from dbus_fast.annotations import DBusBool, DBusStr
 from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
 
-from desktopkit import Bus, Processes, start_bus
+from desktopkit import Bus, private_bus
 from wg_autopeer.agent.localapi import AgentNotRunning
 from wg_autopeer.tray import STATES, TrayView, icon_image
 from wg_autopeer.tray_sni import (
@@ -150,14 +149,9 @@ class FakeWatcher(ServiceInterface):
 
 
 @pytest.fixture
-def bus() -> Iterator[Bus]:
-    procs = Processes()
-    tmp = Path(tempfile.mkdtemp(prefix="wgap-sni-"))
-    try:
-        yield start_bus(procs, tmp / "dbus.log")
-    finally:
-        procs.end_all()
-        shutil.rmtree(tmp, ignore_errors=True)
+def bus(tmp_path: Path) -> Iterator[Bus]:
+    with private_bus(tmp_path / "dbus.log") as private:
+        yield private
 
 
 async def until(predicate: Callable[[], object]) -> None:
