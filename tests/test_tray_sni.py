@@ -11,7 +11,10 @@ host (Xfce's panel) is in test_tray_sni_xfce.py.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,14 @@ from dbus_fast.service import ServiceInterface, dbus_method, dbus_property
 
 from desktopkit import Bus, private_bus
 from wg_autopeer.agent.localapi import AgentNotRunning
-from wg_autopeer.tray import STATES, TrayView, icon_image
+from wg_autopeer.tray import (
+    ALLOW_ROOT_ENV,
+    NOT_RUNNING,
+    STATES,
+    TrayView,
+    icon_image,
+    start_tray_if_possible,
+)
 from wg_autopeer.tray_sni import (
     ITEM_INTERFACE,
     ITEM_PATH,
@@ -430,3 +440,50 @@ async def test_stop_before_the_bus_answers_still_ends_the_tray(bus: Bus, agent: 
     early.stop()
     assert await asyncio.to_thread(early.wait, TIMEOUT)
     assert not early.shown
+
+
+async def test_agent_starts_the_sni_tray_when_a_watcher_is_on_the_bus(
+    bus: Bus, watcher: FakeWatcher, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("DBUS_SESSION_BUS_ADDRESS", bus.address)
+    monkeypatch.setenv("DISPLAY", ":4093")  # no X server there: the X11 probe must not matter
+    monkeypatch.setenv(ALLOW_ROOT_ENV, "1")
+    tray = await asyncio.to_thread(start_tray_if_possible, tmp_path)
+    assert isinstance(tray, SniTray)
+    try:
+        assert tray.link.quit_stops_agent
+        await until(lambda: watcher.items == [tray.bus_name])
+        assert tray.view == NOT_RUNNING  # no agent on tmp_path's socket
+    finally:
+        tray.stop()
+        assert await asyncio.to_thread(tray.wait, TIMEOUT)
+
+
+def test_tray_command_without_any_host_says_why_in_one_line(bus: Bus, tmp_path: Path) -> None:
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "WAYLAND_DISPLAY": "wayland-test",  # a Wayland session: only SNI can serve it
+        "DBUS_SESSION_BUS_ADDRESS": bus.address,
+        ALLOW_ROOT_ENV: "1",
+    }
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "wg_autopeer",
+            "tray",
+            "--runtime-dir",
+            str(tmp_path),
+            "--wait-host",
+            "0.5",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].endswith("no tray icon: no StatusNotifierWatcher on the session bus")

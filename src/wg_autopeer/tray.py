@@ -10,12 +10,17 @@ Two ways to run it:
   the agent's ``control_group`` so the user may open the socket; "Quit" closes
   only the tray.
 
+Both pick the same tray (``choose_tray``): a StatusNotifierItem on the session
+bus (``tray_sni``, the protocol of KDE, GNOME with AppIndicator, Xfce >= 4.16,
+waybar...) when a StatusNotifierWatcher is there; else the XEmbed icon for older
+X11 panels (``Tray`` below: pystray's X11 backend, with ``tray_x11`` adding the
+menu and clicks it lacks); else none, and one log line says why. Each backend
+is imported only once it is chosen: pystray's X11 backend connects to the
+display when imported. ``AgentLink`` is what both share: the commands to the
+agent and the agent's state in words (``describe``).
+
 The tray never runs as root: it belongs to a user's session (set
-``WG_AUTOPEER_TRAY_ALLOW_ROOT=1`` to override that, for tests only). pystray's
-X11 backend connects to the display when it is imported, so it is imported
-only once we know a tray will run. That backend has no menu and ignores clicks,
-so on X11 ``tray_x11.MenuIcon`` adds them (a popup menu on click);
-the GTK/AppIndicator backends (with PyGObject) bring their own menus.
+``WG_AUTOPEER_TRAY_ALLOW_ROOT=1`` to override that, for tests only).
 """
 
 from __future__ import annotations
