@@ -6,10 +6,10 @@ cd "$(dirname "$0")/.."
 
 apt_packages=(wireguard-go wireguard-tools iproute2 nftables iputils-ping iperf3 curl procps
               xvfb trayer systemd
-              # The StatusNotifierItem tray tests: a real host (xfce4-panel's systray
-              # plugin, which also is the StatusNotifierWatcher), its settings daemon
-              # and a private session bus.
-              xfce4-panel xfconf dbus-daemon)
+              # The StatusNotifierItem tray tests: real hosts (xfce4-panel's Status
+              # Tray plugin with its settings daemon; waybar on headless sway, with grim
+              # for screenshots), each its own StatusNotifierWatcher, on a private bus.
+              xfce4-panel xfconf dbus-daemon sway waybar grim)
 missing=()
 for pkg in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

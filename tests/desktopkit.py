@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import select
 import shutil
@@ -26,10 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dbus_fast import Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
 from PIL import Image, ImageChops, ImageGrab
 
 from wg_autopeer.agent.localapi import LocalApiServer, socket_path
 from wg_autopeer.lab.lab import wait_for
+from wg_autopeer.tray_sni import ITEM_PATH, MENU_INTERFACE, MENU_PATH, WATCHER, WATCHER_PATH
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 GREEN, GREY, RED = (46, 160, 67), (140, 140, 140), (200, 40, 40)
@@ -174,7 +178,7 @@ BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Config
   <type>session</type>
   <listen>unix:path={socket}</listen>
   <auth>EXTERNAL</auth>
-  <policy context="default">
+  <policy context="default">{users}
     <allow send_destination="*" eavesdrop="true"/>
     <allow eavesdrop="true"/>
     <allow own="*"/>
@@ -205,12 +209,15 @@ def private_bus(log: Path) -> Iterator[Bus]:
             shutil.rmtree(bus.directory, ignore_errors=True)
 
 
-def start_bus(processes: Processes, log: Path) -> Bus:
+def start_bus(processes: Processes, log: Path, *, other_users: bool = False) -> Bus:
     """A private dbus-daemon; its address. The socket lives in a short temp dir (a
-    unix socket path has ~108 bytes); the caller removes it after the daemon ends."""
+    unix socket path has ~108 bytes); the caller removes it after the daemon ends.
+    ``other_users``: let processes of other users on too (a compositor that
+    refuses to run as root, run by a root test as nobody)."""
     directory = Path(tempfile.mkdtemp(prefix="wgap-bus-"))
     config = directory / "bus.conf"
-    config.write_text(BUS_CONFIG.format(socket=directory / "bus"))
+    users = '\n    <allow user="*"/>' if other_users else ""
+    config.write_text(BUS_CONFIG.format(socket=directory / "bus", users=users))
     read_end, write_end = os.pipe()
     try:
         processes.spawn(
@@ -231,13 +238,14 @@ def start_bus(processes: Processes, log: Path) -> Bus:
         os.close(read_end)
         if write_end >= 0:
             os.close(write_end)
+    if other_users:
+        directory.chmod(0o755)
+        (directory / "bus").chmod(0o666)
     return Bus(address, directory)
 
 
 def name_owner(address: str, name: str) -> str | None:
     """Who owns ``name`` on the bus at ``address`` (a blocking look, for polls)."""
-    from dbus_fast import Message, MessageType
-    from dbus_fast.aio import MessageBus
 
     async def ask() -> str | None:
         bus = await MessageBus(bus_address=address).connect()
@@ -257,6 +265,93 @@ def name_owner(address: str, name: str) -> str | None:
         return None if reply.message_type == MessageType.ERROR else str(reply.body[0])
 
     return asyncio.run(ask())
+
+
+# -- D-Bus, as a tray host sees it -------------------------------------------------------------
+
+
+def dbus_call(
+    address: str,
+    destination: str,
+    path: str,
+    interface: str,
+    member: str,
+    signature: str = "",
+    *body: Any,
+) -> list[Any]:
+    """One method call on the desktop's bus from a connection of the test's own."""
+
+    async def call() -> list[Any]:
+        bus = await MessageBus(bus_address=address).connect()
+        try:
+            reply = await bus.call(
+                Message(
+                    destination=destination,
+                    path=path,
+                    interface=interface,
+                    member=member,
+                    signature=signature,
+                    body=list(body),
+                )
+            )
+        finally:
+            bus.disconnect()
+        assert reply.message_type == MessageType.METHOD_RETURN, reply.body
+        return list(reply.body)
+
+    return asyncio.run(call())
+
+
+def registered(address: str) -> list[str]:
+    """The items the host's StatusNotifierWatcher knows ("bus name/path")."""
+    if name_owner(address, WATCHER) is None:
+        return []
+    (value,) = dbus_call(
+        address,
+        WATCHER,
+        WATCHER_PATH,
+        "org.freedesktop.DBus.Properties",
+        "Get",
+        "ss",
+        WATCHER,
+        "RegisteredStatusNotifierItems",
+    )
+    return list(value.value)
+
+
+def our_item(address: str) -> str | None:
+    """Our item's bus name, once the host's watcher has it."""
+    names = [i.split("/")[0] for i in registered(address) if i.endswith(ITEM_PATH)]
+    return names[0] if len(names) == 1 else None
+
+
+def menu_rows(address: str, item: str) -> list[tuple[str, int | None]]:
+    """GetLayout, as the host asks it: each entry's label and toggle state."""
+    _revision, layout = dbus_call(
+        address, item, MENU_PATH, MENU_INTERFACE, "GetLayout", "iias", 0, -1, []
+    )
+    rows = []
+    for child in layout[2]:
+        props = child.value[1]
+        state = props.get("toggle-state")
+        rows.append((props["label"].value, None if state is None else state.value))
+    return rows
+
+
+def click_entry(address: str, item: str, entry: int) -> None:
+    """What a host sends when an entry of the menu is clicked."""
+    dbus_call(
+        address,
+        item,
+        MENU_PATH,
+        MENU_INTERFACE,
+        "Event",
+        "isvu",
+        entry,
+        "clicked",
+        Variant("s", ""),
+        0,
+    )
 
 
 # -- a fake agent on a real control socket ------------------------------------------------
@@ -555,3 +650,136 @@ def xfce_desktop(processes: Processes, tmp: Path, size: str = "480x240x24") -> I
         processes.end_all()
         if bus is not None:
             shutil.rmtree(bus.directory, ignore_errors=True)
+
+
+# -- sway (headless) and waybar: a Wayland StatusNotifierItem host --------------------------------
+
+
+WAYBAR_CONFIG = """{
+  "layer": "top", "position": "top", "height": 30,
+  "modules-left": [], "modules-center": [], "modules-right": ["tray"],
+  "tray": {"icon-size": 22, "spacing": 4}
+}
+"""
+
+
+def sway_missing() -> str | None:
+    """What is missing for the sway/waybar tests, or None."""
+    for tool in ("dbus-daemon", "sway", "waybar", "grim", "setpriv"):
+        if shutil.which(tool) is None:
+            return f"needs {tool} (Debian packages sway, waybar, grim: scripts/setup.sh)"
+    return None
+
+
+@dataclass
+class Wayland:
+    """Headless sway + a private session bus (+ waybar, started by the test).
+
+    sway refuses to run as root; a root test runs the compositor, the bar and the
+    screenshots as nobody (``run_as``), our tray stays the test's own user.
+    """
+
+    processes: Processes
+    logs: Path
+    work: Path
+    bus: Bus
+    env: dict[str, str]
+    run_as: list[str]
+    bar: subprocess.Popen[bytes] | None = None
+
+    def start_bar(self) -> subprocess.Popen[bytes]:
+        """Start waybar (its tray module is the StatusNotifierWatcher and host)."""
+        config = self.work / "waybar.json"
+        config.write_text(WAYBAR_CONFIG)
+        config.chmod(0o644)
+        log = self.logs / "waybar.log"
+        argv = [*self.run_as, "waybar", "-c", str(config)]
+        self.bar = self.processes.spawn(argv, log, env=self.env)
+        assert wait_for(self.watcher, timeout=30), log.read_text()
+        return self.bar
+
+    def stop_bar(self) -> None:
+        assert self.bar is not None
+        self.processes.end(self.bar)
+        self.bar = None
+        assert wait_for(lambda: self.watcher() is None, timeout=10)
+
+    def watcher(self) -> str | None:
+        return name_owner(self.bus.address, "org.kde.StatusNotifierWatcher")
+
+    def grab(self) -> Image.Image:
+        """A screenshot of the whole output (grim, wlroots' screencopy)."""
+        shot = subprocess.run(
+            [*self.run_as, "grim", "-t", "png", "-"],
+            env=self.env,
+            capture_output=True,
+            timeout=15,
+            check=True,
+        )
+        image = Image.open(io.BytesIO(shot.stdout))
+        image.load()
+        return image.convert("RGB")
+
+    def save(self, name: str) -> Path:
+        ARTIFACTS.mkdir(exist_ok=True)
+        path = ARTIFACTS / f"{name}.png"
+        self.grab().save(path)
+        return path
+
+
+@contextlib.contextmanager
+def sway_desktop(processes: Processes, tmp: Path) -> Iterator[Wayland]:
+    """Headless sway on a private bus for one test; everything ended by PID.
+
+    Logs go to ``tmp``; what nobody must read or write (configs, HOME,
+    XDG_RUNTIME_DIR) goes to a temp dir of its own (pytest's is root's alone),
+    removed afterwards."""
+    run_as = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    if os.geteuid() != 0:
+        run_as = []
+    bus: Bus | None = None
+    work = Path(tempfile.mkdtemp(prefix="wgap-sway-"))
+    try:
+        work.chmod(0o755)
+        bus = start_bus(processes, tmp / "dbus.log", other_users=bool(run_as))
+        home = work / "home"
+        runtime = work / "xdg-runtime"
+        for d in (home, runtime):
+            d.mkdir(mode=0o700)
+            if run_as:
+                os.chown(d, 65534, 65534)
+        config = work / "sway.conf"
+        config.write_text("output HEADLESS-1 resolution 480x120 bg #333333 solid_color\n")
+        config.chmod(0o644)
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "LANG": "C.UTF-8",
+            "HOME": str(home),
+            "XDG_CONFIG_HOME": str(home / ".config"),
+            "XDG_CACHE_HOME": str(home / ".cache"),
+            "XDG_RUNTIME_DIR": str(runtime),
+            "DBUS_SESSION_BUS_ADDRESS": bus.address,
+            # wlroots without a GPU, screen or input devices: one virtual output.
+            "WLR_BACKENDS": "headless",
+            "WLR_HEADLESS_OUTPUTS": "1",
+            "WLR_LIBINPUT_NO_DEVICES": "1",
+            "WLR_RENDERER": "pixman",
+            "NO_AT_BRIDGE": "1",
+            "GSETTINGS_BACKEND": "memory",
+        }
+        processes.spawn([*run_as, "sway", "-c", str(config)], tmp / "sway.log", env=env)
+
+        def socket() -> Path | None:
+            found = [p for p in runtime.glob("wayland-*") if p.is_socket()]
+            return found[0] if found else None
+
+        assert wait_for(socket, timeout=20), (tmp / "sway.log").read_text()
+        wayland = socket()
+        assert wayland is not None
+        env["WAYLAND_DISPLAY"] = wayland.name
+        yield Wayland(processes, tmp, work, bus, env, run_as)
+    finally:
+        processes.end_all()
+        if bus is not None:
+            shutil.rmtree(bus.directory, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)

@@ -11,7 +11,6 @@ the icon's pixels on screen; screenshots go to artifacts/ (not committed).
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import subprocess
 import sys
@@ -20,8 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dbus_fast import Message, MessageType, Variant
-from dbus_fast.aio import MessageBus
 
 from desktopkit import (
     GREEN,
@@ -31,13 +28,15 @@ from desktopkit import (
     FakeAgent,
     Processes,
     Screen,
+    click_entry,
+    menu_rows,
+    our_item,
     share_of,
     status,
     xfce_desktop,
     xfce_missing,
 )
 from wg_autopeer.lab.lab import wait_for
-from wg_autopeer.tray_sni import ITEM_PATH, MENU_INTERFACE, MENU_PATH, WATCHER, WATCHER_PATH
 
 MISSING = xfce_missing()
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
@@ -70,93 +69,6 @@ def screen(desktop: Desktop) -> Iterator[Screen]:
         yield s
     finally:
         s.close()
-
-
-# -- D-Bus, as the host sees it -------------------------------------------------------------
-
-
-def dbus_call(
-    address: str,
-    destination: str,
-    path: str,
-    interface: str,
-    member: str,
-    signature: str = "",
-    *body: Any,
-) -> list[Any]:
-    """One method call on the desktop's bus from a connection of the test's own."""
-
-    async def call() -> list[Any]:
-        bus = await MessageBus(bus_address=address).connect()
-        try:
-            reply = await bus.call(
-                Message(
-                    destination=destination,
-                    path=path,
-                    interface=interface,
-                    member=member,
-                    signature=signature,
-                    body=list(body),
-                )
-            )
-        finally:
-            bus.disconnect()
-        assert reply.message_type == MessageType.METHOD_RETURN, reply.body
-        return list(reply.body)
-
-    return asyncio.run(call())
-
-
-def registered(desktop: Desktop) -> list[str]:
-    """The items the panel's StatusNotifierWatcher knows ("bus name/path")."""
-    if desktop.watcher() is None:
-        return []
-    (value,) = dbus_call(
-        desktop.bus.address,
-        WATCHER,
-        WATCHER_PATH,
-        "org.freedesktop.DBus.Properties",
-        "Get",
-        "ss",
-        WATCHER,
-        "RegisteredStatusNotifierItems",
-    )
-    return list(value.value)
-
-
-def our_item(desktop: Desktop) -> str | None:
-    """Our item's bus name, once the panel's watcher has it."""
-    names = [i.split("/")[0] for i in registered(desktop) if i.endswith(ITEM_PATH)]
-    return names[0] if len(names) == 1 else None
-
-
-def menu_rows(desktop: Desktop, item: str) -> list[tuple[str, int | None]]:
-    """GetLayout, as the host asks it: each entry's label and toggle state."""
-    _revision, layout = dbus_call(
-        desktop.bus.address, item, MENU_PATH, MENU_INTERFACE, "GetLayout", "iias", 0, -1, []
-    )
-    rows = []
-    for child in layout[2]:
-        props = child.value[1]
-        state = props.get("toggle-state")
-        rows.append((props["label"].value, None if state is None else state.value))
-    return rows
-
-
-def click_entry(desktop: Desktop, item: str, entry: int) -> None:
-    """What a host sends when an entry of the menu is clicked."""
-    dbus_call(
-        desktop.bus.address,
-        item,
-        MENU_PATH,
-        MENU_INTERFACE,
-        "Event",
-        "isvu",
-        entry,
-        "clicked",
-        Variant("s", ""),
-        0,
-    )
 
 
 # -- the screen -----------------------------------------------------------------------------
@@ -236,9 +148,9 @@ def shown_in_panel(
     desktop: Desktop, screen: Screen, log: Path, colour: tuple[int, int, int]
 ) -> tuple[str, Box]:
     """Wait until the panel's watcher lists our item and the panel draws its icon."""
-    assert wait_for(lambda: our_item(desktop), timeout=20), log.read_text()
+    assert wait_for(lambda: our_item(desktop.bus.address), timeout=20), log.read_text()
     assert wait_for(lambda: icon_box(screen, colour), timeout=15), log.read_text()
-    item, box = our_item(desktop), icon_box(screen, colour)
+    item, box = our_item(desktop.bus.address), icon_box(screen, colour)
     assert item is not None
     assert box is not None
     return item, box
@@ -257,7 +169,11 @@ def test_sni_icon_in_xfce_panel_shows_state_and_its_menu_drives_the_agent(
     screen.save("tray-sni-active")
 
     # The menu as the host reads it.
-    assert menu_rows(desktop, item) == [("Re-sync", None), ("Enabled", 1), ("Quit", None)]
+    assert menu_rows(desktop.bus.address, item) == [
+        ("Re-sync", None),
+        ("Enabled", 1),
+        ("Quit", None),
+    ]
 
     # A left click: the panel calls Activate, which re-syncs.
     screen.click((box[0] + box[2]) // 2, (box[1] + box[3]) // 2)
@@ -270,15 +186,15 @@ def test_sni_icon_in_xfce_panel_shows_state_and_its_menu_drives_the_agent(
     click_menu_row(screen, menu, 1)
     assert wait_for(lambda: "disable" in agent.commands, timeout=10), agent.commands
     assert wait_for(lambda: icon_is(screen, box, GREY), timeout=10), log.read_text()
-    assert menu_rows(desktop, item)[1] == ("Enabled", 0)
+    assert menu_rows(desktop.bus.address, item)[1] == ("Enabled", 0)
 
     # The same entry through dbusmenu's Event, as any host sends it: enabled again.
-    click_entry(desktop, item, 2)
+    click_entry(desktop.bus.address, item, 2)
     assert wait_for(lambda: "enable" in agent.commands, timeout=10), agent.commands
     assert wait_for(lambda: icon_is(screen, box, GREEN), timeout=10)
-    assert menu_rows(desktop, item)[1] == ("Enabled", 1)
+    assert menu_rows(desktop.bus.address, item)[1] == ("Enabled", 1)
     syncs = agent.commands.count("sync")
-    click_entry(desktop, item, 1)
+    click_entry(desktop.bus.address, item, 1)
     assert wait_for(lambda: agent.commands.count("sync") > syncs, timeout=10)
 
     # The server goes away: the agent says so, the icon turns red.
@@ -290,7 +206,7 @@ def test_sni_icon_in_xfce_panel_shows_state_and_its_menu_drives_the_agent(
     click_menu_row(screen, open_host_menu(screen, box), 2)
     assert ended(tray, log) == 0
     assert "quit" not in agent.commands
-    assert wait_for(lambda: our_item(desktop) is None, timeout=10)
+    assert wait_for(lambda: our_item(desktop.bus.address) is None, timeout=10)
     assert wait_for(lambda: icon_box(screen, RED) is None, timeout=10)
 
 
@@ -313,7 +229,7 @@ def test_sni_icon_comes_back_when_the_panel_restarts(
     desktop.start_panel(PANEL_SIZE)
     item, _box = shown_in_panel(desktop, screen, log, RED)
     assert "registered again" in log.read_text()
-    assert menu_rows(desktop, item)[0] == ("Re-sync", None)
+    assert menu_rows(desktop.bus.address, item)[0] == ("Re-sync", None)
     screen.save("tray-sni-after-restart")
 
     tray.send_signal(signal.SIGTERM)
