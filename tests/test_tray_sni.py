@@ -11,6 +11,7 @@ host (Xfce's panel) is in test_tray_sni_xfce.py.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import subprocess
@@ -487,3 +488,20 @@ def test_tray_command_without_any_host_says_why_in_one_line(bus: Bus, tmp_path: 
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].endswith("no tray icon: no StatusNotifierWatcher on the session bus")
+
+
+async def test_tray_ends_when_the_session_bus_goes(
+    tmp_path: Path, agent: FakeAgent, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="wg_autopeer.tray_sni")
+    with private_bus(tmp_path / "dbus.log") as short_lived:
+        conn, watcher = await start_watcher(short_lived.address)
+        tray = SniTray(Path("/run/test"), agent, bus_address=short_lived.address)
+        tray.start()
+        try:
+            await until(lambda: watcher.items == [tray.bus_name])
+        finally:
+            conn.disconnect()
+    # private_bus ended the daemon: the tray notices and ends by itself.
+    assert await asyncio.to_thread(tray.wait, TIMEOUT)
+    assert "the session bus went away" in caplog.text

@@ -547,6 +547,7 @@ class SniTray:
                 queue.put_nowait("stop")
         item = StatusNotifierItem(self._shown, self._put)
         menu = DBusMenu(self._shown, self._put)
+        gone = asyncio.create_task(self._end_with(bus), name="tray-sni-bus")
         try:
             await self._refresh(item, menu)
             bus.export(ITEM_PATH, item)
@@ -556,9 +557,19 @@ class SniTray:
             queue.put_nowait("register")
             await self._serve(bus, queue, item, menu)
         finally:
+            gone.cancel()
             with self._lock:
                 self._loop = self._queue = None
             bus.disconnect()
+
+    async def _end_with(self, bus: MessageBus) -> None:
+        """End the tray when the session bus goes (the session is over): no host
+        could show the icon again on that bus."""
+        with contextlib.suppress(Exception):  # how it ended does not matter here
+            await bus.wait_for_disconnect()  # type: ignore[no-untyped-call]  # dbus-fast 5
+        if not self._stopping:
+            log.info("tray: the session bus went away; the tray ends")
+        self._put("stop")
 
     async def _serve(
         self,
