@@ -49,6 +49,7 @@ from wg_autopeer.tray_sni import (
     argb32,
     icon_theme_path,
     menu_layout,
+    session_bus_address,
     watcher_absent,
 )
 
@@ -505,3 +506,14 @@ async def test_tray_ends_when_the_session_bus_goes(
     # private_bus ended the daemon: the tray notices and ends by itself.
     assert await asyncio.to_thread(tray.wait, TIMEOUT)
     assert "the session bus went away" in caplog.text
+
+
+def test_session_bus_falls_back_to_the_per_user_bus_like_libdbus(tmp_path: Path) -> None:
+    import socket
+
+    assert session_bus_address({"DBUS_SESSION_BUS_ADDRESS": "unix:path=/x"}) == "unix:path=/x"
+    assert session_bus_address({"XDG_RUNTIME_DIR": str(tmp_path)}) is None
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(tmp_path / "bus"))
+        found = session_bus_address({"XDG_RUNTIME_DIR": str(tmp_path)})
+    assert found == f"unix:path={tmp_path / 'bus'}"

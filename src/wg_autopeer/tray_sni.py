@@ -70,7 +70,6 @@ ITEM_ID = "wg-autopeer"
 # Sizes a host may pick from when it draws the pixmap rather than the named icon.
 PIXMAP_SIZES = (16, 22, 24, 32, 48, 64)
 PROBE_TIMEOUT = 5.0
-CALL_TIMEOUT = 5.0
 
 # The SNI spec's statuses; "Passive" would let hosts hide the icon, so an idle
 # agent stays "Active" and only an error asks for attention.
