@@ -5,7 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 apt_packages=(wireguard-go wireguard-tools iproute2 nftables iputils-ping iperf3 curl procps
-              xvfb trayer systemd)
+              xvfb trayer systemd
+              # The StatusNotifierItem tray tests: real hosts (xfce4-panel's Status
+              # Tray plugin with its settings daemon; waybar on headless sway, with grim
+              # for screenshots), each its own StatusNotifierWatcher, on a private bus.
+              xfce4-panel xfconf dbus-daemon sway waybar grim)
 missing=()
 for pkg in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

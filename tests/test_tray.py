@@ -25,11 +25,12 @@ from wg_autopeer.tray import (
     NOT_RUNNING,
     STATES,
     Tray,
+    TrayChoice,
     TrayView,
+    choose_tray,
     describe,
     icon_image,
     start_tray_if_possible,
-    tray_skip_reason,
     x11_tray_host,
 )
 
@@ -102,35 +103,69 @@ def no_probe(env: Any) -> str | None:
     raise AssertionError("the tray host probe must not run here")
 
 
+def no_sni(env: Any) -> str | None:
+    return "no StatusNotifierWatcher on the session bus"
+
+
+def no_x11(env: Any) -> str | None:
+    return f"no system tray on display {env['DISPLAY']!r}"
+
+
+def found(env: Any) -> str | None:
+    return None
+
+
 def test_root_gets_no_tray_unless_the_test_override_is_set() -> None:
     env = {"DISPLAY": ":5"}
-    reason = tray_skip_reason(env, euid=0, host_probe=no_probe)
-    assert reason is not None
-    assert "root" in reason
-    assert tray_skip_reason({**env, ALLOW_ROOT_ENV: "1"}, euid=0, host_probe=lambda e: None) is None
+    choice = choose_tray(env, euid=0, sni_probe=no_probe, x11_probe=no_probe)
+    assert choice.backend is None
+    assert "root" in choice.reason
+    assert not choice.host_missing
+    allowed = choose_tray({**env, ALLOW_ROOT_ENV: "1"}, euid=0, sni_probe=found, x11_probe=no_probe)
+    assert allowed.backend == "sni"
 
 
 def test_no_display_means_no_tray() -> None:
-    reason = tray_skip_reason({}, euid=1000, host_probe=no_probe)
-    assert reason == "no graphical session (neither DISPLAY nor WAYLAND_DISPLAY is set)"
-
-
-def test_no_tray_flag_wins_over_everything() -> None:
-    assert tray_skip_reason({"DISPLAY": ":5"}, euid=1000, no_tray=True, host_probe=no_probe) == (
-        "--no-tray"
+    choice = choose_tray({}, euid=1000, sni_probe=no_probe, x11_probe=no_probe)
+    assert choice == TrayChoice(
+        None, "no graphical session (neither DISPLAY nor WAYLAND_DISPLAY is set)"
     )
 
 
-def test_missing_tray_host_is_the_reason_when_the_session_is_fine() -> None:
-    seen: list[str] = []
+def test_no_tray_flag_wins_over_everything() -> None:
+    choice = choose_tray(
+        {"DISPLAY": ":5"}, euid=1000, no_tray=True, sni_probe=no_probe, x11_probe=no_probe
+    )
+    assert choice == TrayChoice(None, "--no-tray")
 
-    def probe(env: Any) -> str | None:
-        seen.append(env["WAYLAND_DISPLAY"])
-        return "no StatusNotifier tray host on the session bus"
 
-    reason = tray_skip_reason({"WAYLAND_DISPLAY": "wayland-0"}, euid=1000, host_probe=probe)
-    assert reason == "no StatusNotifier tray host on the session bus"
-    assert seen == ["wayland-0"]
+def test_status_notifier_host_wins_over_an_x11_tray() -> None:
+    choice = choose_tray({"DISPLAY": ":5"}, euid=1000, sni_probe=found, x11_probe=no_probe)
+    assert choice.backend == "sni"
+
+
+def test_x11_tray_is_the_fallback_without_a_status_notifier_host() -> None:
+    choice = choose_tray({"DISPLAY": ":5"}, euid=1000, sni_probe=no_sni, x11_probe=found)
+    assert choice.backend == "xembed"
+    assert "no StatusNotifierWatcher" in choice.reason
+
+
+def test_no_host_at_all_gives_both_reasons_and_may_change_later() -> None:
+    choice = choose_tray({"DISPLAY": ":5"}, euid=1000, sni_probe=no_sni, x11_probe=no_x11)
+    assert choice == TrayChoice(
+        None,
+        "no system tray on display ':5'; no StatusNotifierWatcher on the session bus",
+        host_missing=True,
+    )
+
+
+def test_wayland_without_x11_asks_only_for_a_status_notifier_host() -> None:
+    choice = choose_tray(
+        {"WAYLAND_DISPLAY": "wayland-0"}, euid=1000, sni_probe=no_sni, x11_probe=no_probe
+    )
+    assert choice == TrayChoice(
+        None, "no StatusNotifierWatcher on the session bus", host_missing=True
+    )
 
 
 def test_unreachable_x_display_is_reported_not_raised() -> None:

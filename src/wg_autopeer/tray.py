@@ -10,23 +10,25 @@ Two ways to run it:
   the agent's ``control_group`` so the user may open the socket; "Quit" closes
   only the tray.
 
+Both pick the same tray (``choose_tray``): a StatusNotifierItem on the session
+bus (``tray_sni``, the protocol of KDE, GNOME with AppIndicator, Xfce >= 4.16,
+waybar...) when a StatusNotifierWatcher is there; else the XEmbed icon for older
+X11 panels (``Tray`` below: pystray's X11 backend, with ``tray_x11`` adding the
+menu and clicks it lacks); else none, and one log line says why. Each backend
+is imported only once it is chosen: pystray's X11 backend connects to the
+display when imported. ``AgentLink`` is what both share: the commands to the
+agent and the agent's state in words (``describe``).
+
 The tray never runs as root: it belongs to a user's session (set
-``WG_AUTOPEER_TRAY_ALLOW_ROOT=1`` to override that, for tests only). pystray's
-X11 backend connects to the display when it is imported, so it is imported
-only once we know a tray will run. That backend has no menu and ignores clicks,
-so on X11 ``tray_x11.MenuIcon`` adds them (a popup menu on click);
-the GTK/AppIndicator backends (with PyGObject) bring their own menus.
+``WG_AUTOPEER_TRAY_ALLOW_ROOT=1`` to override that, for tests only).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import os
-import shutil
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -35,7 +37,7 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Literal, Protocol
 
 from wg_autopeer.agent import localapi
 
@@ -162,56 +164,59 @@ def x11_embedded(env: Mapping[str, str], window_id: int) -> bool | None:
         display.close()
 
 
-def wayland_tray_host(env: Mapping[str, str]) -> str | None:
-    """Why a Wayland session without X11 cannot show our tray, or None.
-
-    There pystray needs its AppIndicator backend (PyGObject) and a
-    StatusNotifier host on the session bus; ``busctl`` tells us about the latter
-    when it is installed.
-    """
-    if importlib.util.find_spec("gi") is None:
-        return "Wayland without XWayland needs PyGObject (AppIndicator) for a tray icon"
-    busctl = shutil.which("busctl")
-    if busctl is None:
-        return None
+def sni_host(env: Mapping[str, str]) -> str | None:
+    """Why no StatusNotifierItem host serves the session bus of ``env``, or None
+    when one does (``tray_sni`` asks the bus; imported only now, like pystray)."""
     try:
-        result = subprocess.run(
-            [busctl, "--user", "--no-pager", "status", "org.kde.StatusNotifierWatcher"],
-            env=dict(env),
-            capture_output=True,
-            timeout=5,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if result.returncode != 0:
-        return "no StatusNotifier tray host on the session bus"
-    return None
+        from wg_autopeer import tray_sni
+    except ImportError as exc:  # dbus-fast is a Linux-only dependency
+        return f"no D-Bus library for a StatusNotifierItem ({exc})"
+    return tray_sni.watcher_absent(env)
 
 
-def default_host_probe(env: Mapping[str, str]) -> str | None:
-    """The tray host check that fits the session: X11 when there is a DISPLAY."""
-    if env.get("DISPLAY"):
-        return x11_tray_host(env)
-    return wayland_tray_host(env)
+Backend = Literal["sni", "xembed"]
 
 
-def tray_skip_reason(
+@dataclass(frozen=True)
+class TrayChoice:
+    """Which tray runs here (``backend``), or none and ``reason`` says why;
+    ``host_missing``: only a tray host was missing, so one may still appear
+    (autostart races the panel)."""
+
+    backend: Backend | None
+    reason: str
+    host_missing: bool = False
+
+
+def choose_tray(
     env: Mapping[str, str] | None = None,
     euid: int | None = None,
     *,
     no_tray: bool = False,
-    host_probe: HostProbe = default_host_probe,
-) -> str | None:
-    """Why no tray can run here, or None when one can. The host probe runs last."""
+    sni_probe: HostProbe = sni_host,
+    x11_probe: HostProbe = x11_tray_host,
+) -> TrayChoice:
+    """The tray for this session: a StatusNotifierItem when a StatusNotifierWatcher
+    is on the session bus (KDE, GNOME with AppIndicator, Xfce >= 4.16, waybar, ...),
+    else the XEmbed icon when an X11 tray host is there (older X11 panels), else
+    none, with both hosts' reasons. The cheap checks come first, the probes last.
+    """
     env = os.environ if env is None else env
     if no_tray:
-        return "--no-tray"
+        return TrayChoice(None, "--no-tray")
     if (os.geteuid() if euid is None else euid) == 0 and env.get(ALLOW_ROOT_ENV) != "1":
-        return "running as root (the tray belongs to a desktop user's session)"
+        return TrayChoice(None, "running as root (the tray belongs to a desktop user's session)")
     if not env.get("DISPLAY") and not env.get("WAYLAND_DISPLAY"):
-        return "no graphical session (neither DISPLAY nor WAYLAND_DISPLAY is set)"
-    return host_probe(env)
+        return TrayChoice(None, "no graphical session (neither DISPLAY nor WAYLAND_DISPLAY is set)")
+    no_sni = sni_probe(env)
+    if no_sni is None:
+        return TrayChoice("sni", "a StatusNotifierWatcher is on the session bus")
+    if not env.get("DISPLAY"):
+        return TrayChoice(None, no_sni, host_missing=True)
+    no_xembed = x11_probe(env)
+    if no_xembed is None:
+        return TrayChoice("xembed", f"{no_sni}; an X11 system tray is there")
+    return TrayChoice(None, f"{no_xembed}; {no_sni}", host_missing=True)
 
 
 # -- the icon ------------------------------------------------------------------------
@@ -248,8 +253,58 @@ MENU = (
 )
 
 
+class AgentLink:
+    """The tray's side of the agent's control socket, whatever draws the icon.
+
+    One command at a time, then a fresh look at the agent's state; ``view`` is
+    what the agent said last. Blocking (``call`` is ``localapi.call``; tests pass
+    a fake): it runs on a tray's thread, never on an event loop. Each action
+    returns whether the view changed, so the icon is redrawn only then.
+    """
+
+    def __init__(
+        self, runtime_dir: Path, call: Call = localapi.call, *, quit_stops_agent: bool = False
+    ) -> None:
+        self.runtime_dir = runtime_dir
+        self.quit_stops_agent = quit_stops_agent
+        self.view = TrayView("idle", "wg-autopeer: starting")
+        self._call = call
+
+    def send(self, command: str) -> dict[str, Any] | None:
+        try:
+            return self._call(self.runtime_dir, command)
+        except localapi.AgentNotRunning as exc:
+            log.warning("tray: %s", exc)
+            return None
+
+    def refresh(self) -> bool:
+        """Ask the agent for its state; whether what the tray shows changed."""
+        try:
+            status: dict[str, Any] | None = self._call(self.runtime_dir, "status")
+        except localapi.AgentNotRunning as exc:
+            log.debug("tray: %s", exc)
+            status = None
+        view = describe(status)
+        changed, self.view = view != self.view, view
+        return changed
+
+    def resync(self) -> bool:
+        self.send("sync")
+        return self.refresh()
+
+    def toggle_enabled(self) -> bool:
+        # Ask for the opposite of what the agent last said, then show what it says now.
+        self.send("disable" if self.view.enabled else "enable")
+        return self.refresh()
+
+    def quit(self) -> None:
+        """What "Quit" tells the agent: to stop, only when the tray lives inside it."""
+        if self.quit_stops_agent:
+            self.send("quit")
+
+
 class Tray:
-    """The tray's state and menu actions; pystray runs on a thread of its own.
+    """The XEmbed tray: pystray's X11 icon (with ``tray_x11``'s menu) on its own thread.
 
     ``call`` sends one command to the agent (``localapi.call``; tests pass a
     fake). ``quit_stops_agent``: whether "Quit" also stops the agent (true when
@@ -264,59 +319,46 @@ class Tray:
         quit_stops_agent: bool = False,
         poll_seconds: float = POLL_SECONDS,
     ) -> None:
-        self.runtime_dir = runtime_dir
-        self.quit_stops_agent = quit_stops_agent
+        self.link = AgentLink(runtime_dir, call, quit_stops_agent=quit_stops_agent)
         self.poll_seconds = poll_seconds
-        self.view = TrayView("idle", "wg-autopeer: starting")
         self.finished = threading.Event()
         self.shown = False
-        self._call = call
         self._stop = threading.Event()
         self._stop_lock = threading.Lock()
         self._icon: Any = None
         self._thread: threading.Thread | None = None
 
     @property
+    def view(self) -> TrayView:
+        return self.link.view
+
+    @property
     def enabled(self) -> bool:
-        return self.view.enabled
+        return self.link.view.enabled
 
     # Menu actions: each is one command to the agent, then a fresh look at its state.
     def resync(self, *_: Any) -> None:
-        self._send("sync")
-        self.refresh()
+        self._show(self.link.resync())
 
     def toggle_enabled(self, *_: Any) -> None:
-        # Ask for the opposite of what the agent last said, then show what it says now.
-        self._send("disable" if self.view.enabled else "enable")
-        self.refresh()
+        self._show(self.link.toggle_enabled())
 
     def quit(self, *_: Any) -> None:
-        if self.quit_stops_agent:
-            self._send("quit")
+        self.link.quit()
         self.stop()
-
-    def _send(self, command: str) -> dict[str, Any] | None:
-        try:
-            return self._call(self.runtime_dir, command)
-        except localapi.AgentNotRunning as exc:
-            log.warning("tray: %s", exc)
-            return None
 
     def refresh(self) -> TrayView:
         """Ask the agent for its state and show it (icon, title, Enabled check)."""
-        try:
-            status: dict[str, Any] | None = self._call(self.runtime_dir, "status")
-        except localapi.AgentNotRunning as exc:
-            log.debug("tray: %s", exc)
-            status = None
-        view = describe(status)
-        changed, self.view = view != self.view, view
+        self._show(self.link.refresh())
+        return self.view
+
+    def _show(self, changed: bool) -> None:
         icon = self._icon
         if icon is not None and changed:
+            view = self.view
             icon.icon = icon_image(view.state)
             icon.title = view.title
             icon.update_menu()
-        return view
 
     def build_menu(self, pystray: Any) -> Any:
         """The pystray menu for MENU, bound to this tray's actions."""
@@ -424,13 +466,33 @@ class Tray:
             self.finished.set()
 
 
-def start_tray_if_possible(runtime_dir: Path, *, no_tray: bool = False) -> Tray | None:
+class TrayRunner(Protocol):
+    """What the agent and ``wg-autopeer tray`` need of a tray, whichever backend."""
+
+    shown: bool
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
+def make_tray(backend: Backend, runtime_dir: Path, *, quit_stops_agent: bool) -> TrayRunner:
+    """The tray for ``backend``; the D-Bus one is imported only when it is chosen."""
+    if backend == "sni":
+        from wg_autopeer.tray_sni import SniTray
+
+        return SniTray(runtime_dir, quit_stops_agent=quit_stops_agent)
+    return Tray(runtime_dir, quit_stops_agent=quit_stops_agent)
+
+
+def start_tray_if_possible(runtime_dir: Path, *, no_tray: bool = False) -> TrayRunner | None:
     """Start the tray inside the agent, or log in one line why not and return None."""
-    reason = tray_skip_reason(no_tray=no_tray)
-    if reason is not None:
-        log.info("no tray icon: %s", reason)
+    choice = choose_tray(no_tray=no_tray)
+    if choice.backend is None:
+        log.info("no tray icon: %s", choice.reason)
         return None
-    tray = Tray(runtime_dir, quit_stops_agent=True)
+    log.debug("tray: %s (%s)", choice.backend, choice.reason)
+    tray = make_tray(choice.backend, runtime_dir, quit_stops_agent=True)
     tray.start()
     return tray
 
@@ -465,26 +527,24 @@ def add_parser(sub: Any) -> None:
     parser.set_defaults(run=run)
 
 
-def _wait_for_host(wait: float) -> str | None:
-    """tray_skip_reason, re-asking the host probe until ``wait`` seconds have passed."""
-    static = tray_skip_reason(host_probe=lambda _env: None)
-    if static is not None:
-        return static
+def _wait_for_host(wait: float) -> TrayChoice:
+    """choose_tray, asking the hosts again until ``wait`` seconds have passed."""
     deadline = time.monotonic() + wait
     while True:
-        reason = default_host_probe(os.environ)
-        if reason is None or time.monotonic() >= deadline:
-            return reason
+        choice = choose_tray()
+        if not choice.host_missing or time.monotonic() >= deadline:
+            return choice
         time.sleep(0.5)
 
 
 def run(args: argparse.Namespace) -> int:
     """``wg-autopeer tray``: exit 1 (one log line) when no tray can run here."""
-    reason = _wait_for_host(args.wait_host)
-    if reason is not None:
-        log.warning("no tray icon: %s", reason)
+    choice = _wait_for_host(args.wait_host)
+    if choice.backend is None:
+        log.warning("no tray icon: %s", choice.reason)
         return 1
-    tray = Tray(args.runtime_dir)
+    log.debug("tray: %s (%s)", choice.backend, choice.reason)
+    tray = make_tray(choice.backend, args.runtime_dir, quit_stops_agent=False)
 
     asked_to_stop = threading.Event()
 
