@@ -57,6 +57,23 @@ def test_direct_peers_show_as_active_with_a_count_in_words() -> None:
     assert describe(status(iface(peers=1))).title == "wg0: 1 direct peer"
 
 
+def test_paths_being_proven_are_not_counted_as_direct() -> None:
+    interface = iface(peers=2)
+    interface["direct_peers"][0]["routed"] = True
+    interface["direct_peers"][1]["routed"] = False
+    assert describe(status(interface)) == TrayView("active", "wg0: 1 direct peer, 1 being proven")
+    interface["direct_peers"][0]["routed"] = False
+    assert describe(status(interface)) == TrayView("idle", "wg0: 0 direct peers, 2 being proven")
+
+
+def test_a_degraded_agent_shows_as_an_error_with_the_reason() -> None:
+    answer = status(iface(peers=1))
+    answer["degraded"] = {"path watch wg0": "LedgerError: disk full"}
+    view = describe(answer)
+    assert view.state == "error"
+    assert view.title == "wg0: 1 direct peer; degraded: path watch wg0: LedgerError: disk full"
+
+
 def test_no_neighbours_and_no_gateway_are_idle_not_errors() -> None:
     assert describe(status(iface(peers=0))) == TrayView("idle", "wg0: no LAN neighbours")
     view = describe(status(iface(outcome="no default gateway")))

@@ -92,16 +92,25 @@ def describe(status: Mapping[str, Any] | None) -> TrayView:
         elif outcome.startswith("answer refused"):
             parts.append(f"{name}: server answer refused")
             states.add("error")
-        elif outcome.startswith(("the interface has no", "no hub peer")):
+        elif outcome.startswith(("the interface has no", "no hub peer", "cannot tell")):
             parts.append(f"{name}: {outcome}")
             states.add("error")
         elif peers:
-            parts.append(f"{name}: {_plural(len(peers), 'direct peer')}")
-            states.add("active")
+            # Only a proven path carries traffic; the others are still on the hub.
+            direct = sum(1 for p in peers if p.get("routed", True))
+            waiting = len(peers) - direct
+            text = f"{name}: {_plural(direct, 'direct peer')}"
+            if waiting:
+                text += f", {waiting} being proven"
+            parts.append(text)
+            states.add("active" if direct else "idle")
         elif outcome == "no default gateway":
             parts.append(f"{name}: no LAN (no default gateway)")
         else:
             parts.append(f"{name}: no LAN neighbours")
+    for task, reason in (status.get("degraded") or {}).items():
+        parts.append(f"degraded: {task}: {reason}")
+        states.add("error")
     state = next((s for s in ("error", "active") if s in states), "idle")
     return TrayView(state, "; ".join(parts) or "wg-autopeer: no WireGuard interface")
 
