@@ -17,6 +17,7 @@ the test's second half is about.
 from __future__ import annotations
 
 import re
+import sys
 import time
 from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv4Interface, ip_network
@@ -362,3 +363,50 @@ def test_two_uplinks_are_both_reported_and_losing_the_first_keeps_traffic_flowin
     assert grew < volume / 4, f"the hub saw {grew} bytes of a {volume}-byte ping over lan3"
     assert all(a.poll() is None for a in agents.values())
     print(f"first endpoint {first_endpoint}; hub path back {recovered:.2f} s after eth0 down")
+
+
+@pytest.mark.lab
+def test_a_tunnel_whose_hub_is_no_peering_server_never_gets_our_lan(lab_factory: Any) -> None:
+    # Tunnel 2 is someone else's (another company's, a commercial VPN): its hub runs a
+    # web server, but no peering server. Nothing about alice's LAN may reach it.
+    lab = lab_factory()
+    t2 = lab.add_tunnel("t2", T2_HUB, T2_CLIENTS, T2_PORT)
+    hub = lab.topology.hub.name
+    web = lab.spawn(
+        hub,
+        [sys.executable, "-m", "http.server", "--bind", str(T2_HUB.ip), "80"],
+        log_name="web-t2",
+    )
+    assert wait_for(
+        lambda: (
+            lab.run(hub, "curl", "-s", "-m", "1", f"http://{T2_HUB.ip}/", check=False).returncode
+            == 0
+        ),
+        timeout=10,
+    )
+    start_server(lab)
+    start_agent(lab, "alice")
+    start_agent(lab, "bob")
+    t2_iface = t2.interface(lab.topology, "alice")
+
+    def skipped() -> dict[str, Any] | None:
+        try:
+            statuses = _status(lab, "alice")
+        except AgentNotRunning:
+            return None
+        t2_status = statuses.get(t2_iface)
+        return t2_status if t2_status and t2_status.get("skipped") else None
+
+    assert wait_for(lambda: skipped() is not None, timeout=15)
+    t2_status = skipped()
+    assert t2_status is not None
+    assert "does not serve peering requests (GET answered HTTP 404)" in t2_status["skipped"]
+    # The office tunnel, auto-discovered too, passed the probe and works as before.
+    assert wait_for(
+        lambda: has_direct_peer(lab, "alice", "bob") and has_direct_peer(lab, "bob", "alice"),
+        timeout=15,
+    )
+    lab.stop(web)
+    requests = lab.log_path("web-t2").read_text()
+    assert '"GET /peering-request' in requests
+    assert "POST" not in requests

@@ -81,6 +81,9 @@ class StubClient:
             return ReportResult(None, etag, True, True)
         return ReportResult(PeeringAnswer(peers=[]), '"v1"', False, True)
 
+    async def serves_peering(self, url: str) -> str | None:
+        return None
+
     async def leave(self, url: str) -> None:
         pass
 

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 2.0
 REQUEST_TIMEOUT = 5.0
 LEAVE_TIMEOUT = 1.0
+PROBE_TIMEOUT = 2.0
 # Enough for any {"error": ...} body; the rest of an error page is not worth reading.
 MAX_ERROR_BYTES = 16 * 1024
 MAX_REASON_CHARS = 200
@@ -193,6 +194,26 @@ class PeeringClient:
             if text and _is_json(response.headers.get("content-type", "")):
                 return _shorten(text)
             return response.reason_phrase or "error"
+
+    async def serves_peering(self, url: str) -> str | None:
+        """Ask, without saying anything about our LAN, whether ``url`` is a peering
+        server: a ``GET`` of it, which this server and wireguard-web both answer with
+        405 and ``Allow: POST``. None when it is one; otherwise why not, in words.
+
+        No answer at all proves nothing (the hub may be restarting): that raises
+        ``ServerError(retryable=True)``, as a report would."""
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT):
+                request = self._client.build_request("GET", url, timeout=PROBE_TIMEOUT)
+                response = await self._client.send(request, stream=True)
+                await response.aclose()
+        except (TimeoutError, httpx.HTTPError, OSError) as exc:
+            reason = _shorten(str(exc)) or type(exc).__name__
+            raise ServerError(url, f"no answer to the probe: {reason}") from exc
+        allowed = {m.strip().upper() for m in response.headers.get("allow", "").split(",")}
+        if response.status_code == 405 and "POST" in allowed:
+            return None
+        return f"{url} does not serve peering requests (GET answered HTTP {response.status_code})"
 
     async def leave(self, url: str) -> None:
         """Tell the server this agent is going (DELETE). Best effort: at most about

@@ -22,7 +22,11 @@ class AgentConfig:
     """Everything the agent can be told. Field names are the TOML keys."""
 
     # WireGuard interfaces to manage; empty means every interface of this namespace with a key.
+    # Named ones are trusted with our LAN details at once; any other is first probed
+    # (a GET that says nothing about the LAN) and skipped unless it is a peering server.
     interfaces: tuple[str, ...] = ()
+    # Interfaces never to manage nor probe, e.g. a commercial VPN's.
+    exclude_interfaces: tuple[str, ...] = ()
     # Coordination server; None means http://<first host of the tunnel network>/peering-request.
     server: str | None = None
     state_dir: Path = Path("/var/lib/wg-autopeer")
@@ -51,6 +55,7 @@ class AgentConfig:
 
 _KEY_FORMS: dict[str, str] = {
     "interfaces": 'a list of interface names, e.g. ["wg0"]',
+    "exclude_interfaces": 'a list of interface names, e.g. ["mullvad0"]',
     "server": 'a URL, e.g. "http://10.99.0.1/peering-request"',
     "state_dir": "a directory path",
     "runtime_dir": "a directory path",
@@ -71,7 +76,7 @@ _KEY_FORMS: dict[str, str] = {
 def _coerce(key: str, value: Any) -> Any:
     form = _KEY_FORMS[key]
     bad = ConfigError(key, f"expected {form}, got {value!r}")
-    if key == "interfaces":
+    if key in ("interfaces", "exclude_interfaces"):
         if not isinstance(value, list) or not all(
             isinstance(v, str) and 0 < len(v) <= 15 for v in value
         ):

@@ -185,7 +185,12 @@ class Agent:
         except WireGuardError as exc:
             log.error("cannot list WireGuard interfaces: %s", exc)
             present = []
-        wanted = [i for i in present if not self.config.interfaces or i in self.config.interfaces]
+        wanted = [
+            i
+            for i in present
+            if (not self.config.interfaces or i in self.config.interfaces)
+            and i not in self.config.exclude_interfaces
+        ]
         for name in wanted:
             if name in self._tasks and not self._tasks[name].done():
                 continue

@@ -56,6 +56,10 @@ MIN_REQUEST_SPACING = 1.0
 QUICK_ANSWERS_ALLOWED = 3
 # Refusals remembered so each is logged once: four full answers' worth (256 offers each).
 MAX_REMEMBERED_REFUSALS = 1024
+# An interface the user did not name is probed (GET, nothing about the LAN) before
+# it is sent a report; one whose server is not a peering server is asked again
+# this much later, or at the next network change or sync.
+NOT_A_HUB_RECHECK = 600.0
 # Heartbeats go to the discard port: nothing needs to listen there. What counts is
 # that the datagram crosses the direct path and shows in the neighbour's received
 # bytes (and a port-unreachable answer, if it sends one, shows in ours).
@@ -91,6 +95,9 @@ class InterfaceStatus:
     tunnel_network_source: str | None = None
     lan: list[str] = field(default_factory=list)
     direct_peers: list[DirectPeerStatus] = field(default_factory=list)
+    # Why this interface gets no report (an auto-discovered one whose server is not a
+    # peering server: another company's tunnel, a commercial VPN); None when it does.
+    skipped: str | None = None
 
 
 class InterfaceWorker:
@@ -112,6 +119,8 @@ class InterfaceWorker:
         # Wall-clock time from which every path's grace runs at least (see restart_paths).
         self._grace_from = 0.0
         self._heartbeat_sockets: dict[int, socket.socket] = {}
+        # The server URL a probe showed to be a peering server (see _not_a_hub).
+        self._verified_server: str | None = None
         self._refused_logged: set[tuple[str, str]] = set()
         self._etag: str | None = None
         self._quick_answers = 0
@@ -260,6 +269,19 @@ class InterfaceWorker:
             # again and neighbours would add a peer that is about to go.
             return agent.config.interval
         client = self._client_for(tunnel)
+        try:
+            not_a_hub = await self._not_a_hub(client, tunnel.server_url)
+        except ServerError as exc:
+            self._set_outcome(f"server unreachable: {exc.reason}", contact=False)
+            return self._backoff.next_delay()
+        if not_a_hub is not None:
+            if self.status.skipped != not_a_hub:
+                log.warning("%s: not reporting our LAN here: %s", self.interface, not_a_hub)
+            self.status.skipped = not_a_hub
+            self._set_outcome(f"skipped: {not_a_hub}")
+            await self.withdraw("its server is not a peering server")
+            return NOT_A_HUB_RECHECK
+        self.status.skipped = None
         blocking = agent.config.push and self._etag is not None and entries == self._etag_for
         started = time.monotonic()
         try:
@@ -328,6 +350,20 @@ class InterfaceWorker:
             # would be swallowed and the worker would report on, hanging shutdown.
             # gather() re-raises our own cancellation and keeps theirs as results.
             await asyncio.gather(task, waker, return_exceptions=True)
+
+    async def _not_a_hub(self, client: PeeringClient, url: str) -> str | None:
+        """Why ``url`` must not get our LAN details, or None when it may.
+
+        The LAN address, prefix, gateway and key go only to a hub that asked for
+        them: an interface the user named is trusted; any other is first probed
+        with a request that says nothing about the LAN, once per server URL."""
+        if self.interface in self.agent.config.interfaces or url == self._verified_server:
+            return None
+        # Not raced against wake-ups like a report: it is over within two seconds.
+        reason = await client.serves_peering(url)
+        if reason is None:
+            self._verified_server = url
+        return reason
 
     def _client_for(self, tunnel: Tunnel) -> PeeringClient:
         host = urlsplit(tunnel.server_url).hostname or ""

@@ -333,6 +333,13 @@ class HostileServer:
         self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> str:
         mode = self.setting.mode
+        if request.method == "GET":
+            # A compromised hub answers the agent's probe like the real server, and
+            # misbehaves only once it is sent a report.
+            writer.write(simple_answer(405, "Method Not Allowed", "application/json",
+                                       b'{"error":"POST"}', Allow="POST"))  # fmt: skip
+            await writer.drain()
+            return "answered the probe like a peering server"
         caller = Caller.from_body(request.body)
         if mode is Mode.HANG:
             # Keep the socket open and silent until the client gives up.
