@@ -3,11 +3,14 @@
 Compatible with wireguard-web: a request is a JSON list (one object also
 accepted) of ``{"pubkey", "ip", "netmask", "gateway"}`` entries, one per address
 of the client's default-route interface(s). ``listen_port`` is this project's
-optional addition. The answer is ``{"peers": [{"pubkey", "endpoint", "port", "ip"}]}``.
+optional addition, and so is ``gateway_mac`` (a fingerprint of the LAN: the
+gateway's MAC address); wireguard-web ignores both. The answer is
+``{"peers": [{"pubkey", "endpoint", "port", "ip"}]}``.
 """
 
 from __future__ import annotations
 
+import re
 from ipaddress import IPv4Address, IPv6Address, ip_interface
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -15,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from wg_autopeer.wireguard.base import IPNetwork, is_valid_key
 
 PATH = "/peering-request"
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 MAX_ENTRIES = 64
 MAX_BODY_BYTES = 64 * 1024
 DEFAULT_WAIT_SECONDS = 25
@@ -33,6 +37,21 @@ class LanEntry(BaseModel):
     listen_port: int | None = Field(
         default=None, ge=1, le=65535, description="the client's own WireGuard listen port"
     )
+    gateway_mac: str | None = Field(
+        default=None,
+        description="the gateway's MAC address (lower-case, colon-separated), a fingerprint"
+        " of the LAN: two entries match only when these are equal or one is missing",
+    )
+
+    @field_validator("gateway_mac")
+    @classmethod
+    def _mac_is_a_mac(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        mac = value.strip().lower()
+        if not _MAC.fullmatch(mac):
+            raise ValueError("gateway_mac must be a MAC address like 52:54:00:12:34:56")
+        return mac
 
     @field_validator("pubkey")
     @classmethod

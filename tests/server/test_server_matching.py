@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from ipaddress import IPv4Address, IPv6Network, ip_address
 
+import pytest
+from pydantic import ValidationError
+
+from wg_autopeer.protocol import LanEntry
 from wg_autopeer.server.matching import (
     GroupKey,
     Policy,
@@ -235,3 +240,39 @@ def test_matching_is_symmetric_with_and_without_listen_ports() -> None:
     assert (to_a[B].endpoint, to_a[B].port) == (None, None)
     assert (to_b[A].endpoint, to_b[A].port) == ("192.168.50.10", 51820)
     assert C not in to_a  # another gateway: no match either way
+
+
+def _with_mac(r: Registration, mac: str | None) -> Registration:
+    return replace(r, lans=tuple(replace(lan, gateway_mac=mac) for lan in r.lans))
+
+
+def test_gateway_fingerprints_keep_strangers_behind_one_cgnat_apart() -> None:
+    # Two homes behind one carrier-grade NAT, both with the router defaults
+    # 192.168.1.0/24 via 192.168.1.1: same public IP, gateway and network.
+    home = ("192.168.1.10", 24, "192.168.1.1", 51820)
+    other_home = ("192.168.1.11", 24, "192.168.1.1", 51820)
+    a = _with_mac(reg(A, "198.51.100.7", home), "52:54:00:00:00:01")
+    b = _with_mac(reg(B, "198.51.100.7", other_home), "52:54:00:00:00:02")
+    assert match(a, b) == []
+    assert match(b, a) == []
+    # The same router: neighbours.
+    same = _with_mac(b, "52:54:00:00:00:01")
+    assert match(a, same) == [B]
+    assert match(same, a) == [A]
+    # One side without a fingerprint (wireguard-web's agent, an older one): as before.
+    unknown = _with_mac(b, None)
+    assert match(a, unknown) == [B]
+    assert match(unknown, a) == [A]
+
+
+def test_gateway_mac_is_validated_and_normalised() -> None:
+    entry = LanEntry(
+        pubkey=A,
+        ip="192.168.1.10",
+        netmask=24,
+        gateway="192.168.1.1",
+        gateway_mac="52:54:00:AB:cd:01",
+    )
+    assert entry.gateway_mac == "52:54:00:ab:cd:01"
+    with pytest.raises(ValidationError):
+        LanEntry(pubkey=A, ip="192.168.1.10", netmask=24, gateway="192.168.1.1", gateway_mac="nope")

@@ -174,6 +174,7 @@ class InterfaceWorker:
                 netmask=u.address.network.prefixlen,
                 gateway=u.gateway,
                 listen_port=device.listen_port,
+                gateway_mac=u.gateway_mac,
             )
             for u in uplinks
         )

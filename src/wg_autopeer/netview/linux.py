@@ -14,7 +14,7 @@ import errno
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from ipaddress import ip_address, ip_interface
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,6 +36,7 @@ from wg_autopeer.netview.model import (
     Address,
     DefaultRoute,
     Link,
+    Neighbour,
     NetChange,
     NetSnapshot,
 )
@@ -52,6 +53,9 @@ _IFF_UP = 0x1
 _IFF_LOOPBACK = 0x8
 _ARPHRD_LOOPBACK = 772
 _RT_TABLE_MAIN = 254
+# Neighbour states without a usable link-layer address (linux/neighbour.h).
+_NUD_INCOMPLETE = 0x01
+_NUD_FAILED = 0x20
 _RTN_UNICAST = 1
 # Drivers without carrier reporting (tun, loopback) say "UNKNOWN" while working.
 _OPER_UP = frozenset({"UP", "UNKNOWN"})
@@ -125,14 +129,19 @@ class LinuxNetView(NetView):
                 routes = await self._call(
                     "reading routes", lambda: _collect(ipr.get_routes(table=_RT_TABLE_MAIN))
                 )
+                neighbours = await self._call(
+                    "reading neighbours", lambda: _collect(ipr.get_neighbours())
+                )
             except NetViewError:
                 # A broken socket stays broken; the next read starts afresh.
                 self._ipr = None
                 ipr.close()
                 raise
-        return self._build(links, addrs, routes)
+        return self._build(links, addrs, routes, neighbours)
 
-    def _build(self, links: list[Any], addrs: list[Any], routes: list[Any]) -> NetSnapshot:
+    def _build(
+        self, links: list[Any], addrs: list[Any], routes: list[Any], neighbours: Sequence[Any] = ()
+    ) -> NetSnapshot:
         parsed = tuple(sorted(self._parse_link(m) for m in links))
         names = {link.index: link.name for link in parsed}
         parsed_addrs = (_parse_addr(m, names) for m in addrs)
@@ -146,7 +155,12 @@ class LinuxNetView(NetView):
         for msg in routes:
             defaults.update(_parse_default_routes(msg, names))
         ordered = sorted(defaults, key=lambda r: (r.ifindex, str(r.gateway), r.metric))
-        return NetSnapshot(links=parsed, addresses=addresses, default_routes=tuple(ordered))
+        gateways = {(r.ifindex, r.gateway) for r in ordered if r.gateway is not None}
+        found = (_parse_neighbour(m) for m in neighbours)
+        macs = tuple(sorted(n for n in found if n and (n.ifindex, n.address) in gateways))
+        return NetSnapshot(
+            links=parsed, addresses=addresses, default_routes=tuple(ordered), neighbours=macs
+        )
 
     def _parse_link(self, msg: Any) -> Link:
         name = str(msg.get("IFLA_IFNAME"))
@@ -322,6 +336,18 @@ def _parse_addr(msg: Any, names: dict[int, str]) -> Address | None:
         interface=ip_interface(f"{raw}/{int(msg.get('prefixlen'))}"),
         scope=_SCOPES.get(scope, str(scope)),
     )
+
+
+def _parse_neighbour(msg: Any) -> Neighbour | None:
+    """A neighbour entry with a usable link-layer address, or None (incomplete, failed)."""
+    dst, lladdr = msg.get("NDA_DST"), msg.get("NDA_LLADDR")
+    if not dst or not lladdr or int(msg.get("state") or 0) & (_NUD_FAILED | _NUD_INCOMPLETE):
+        return None
+    try:
+        address = ip_address(dst)
+    except ValueError:
+        return None
+    return Neighbour(int(msg.get("ifindex")), address, str(lladdr).lower())
 
 
 def _parse_default_routes(msg: Any, names: dict[int, str]) -> list[DefaultRoute]:

@@ -73,12 +73,25 @@ class DefaultRoute:
 
 
 @dataclass(frozen=True, order=True)
+class Neighbour:
+    """A neighbour-table entry with a link-layer address (only gateways are read)."""
+
+    ifindex: int
+    address: IPAddress
+    lladdr: str
+
+
+@dataclass(frozen=True, order=True)
 class LanUplink:
-    """An address on a default-route interface, with that route's gateway: one LAN to report."""
+    """An address on a default-route interface, with that route's gateway: one LAN to report.
+
+    ``gateway_mac`` fingerprints the LAN (two homes with the same router defaults
+    behind one carrier-grade NAT have different routers); None while unknown."""
 
     ifname: str
     address: IPInterface
     gateway: IPAddress
+    gateway_mac: str | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +99,8 @@ class NetSnapshot:
     links: tuple[Link, ...] = ()
     addresses: tuple[Address, ...] = ()
     default_routes: tuple[DefaultRoute, ...] = ()
+    # The gateways' entries in the neighbour table.
+    neighbours: tuple[Neighbour, ...] = ()
 
     def link(self, ifindex: int) -> Link | None:
         for link in self.links:
@@ -117,8 +132,9 @@ class NetSnapshot:
                 continue
             candidates.append((route, link, addresses))
             best[family] = min(best.get(family, route.metric), route.metric)
+        macs = {(n.ifindex, n.address): n.lladdr for n in self.neighbours}
         uplinks = {
-            LanUplink(link.name, address, route.gateway)
+            LanUplink(link.name, address, route.gateway, macs.get((route.ifindex, route.gateway)))
             for route, link, addresses in candidates
             if route.gateway is not None and route.metric == best[route.gateway.version]
             for address in addresses

@@ -2,8 +2,9 @@
 
 Two clients are LAN neighbours when they sit behind the same public identity
 (the IPv4 address, or the IPv6 /64, that the hub sees as their endpoint) and
-each reported an address in the same network behind the same gateway, and the
-policy lets both peer directly. Registrations are indexed by that
+each reported an address in the same network behind the same gateway, with the
+same gateway MAC address where both reported one, and the policy lets both
+peer directly. Registrations are indexed by that
 ``GroupKey`` so one answer costs O(size of the LAN group), never O(all clients).
 """
 
@@ -39,6 +40,8 @@ class ReportedLan:
     prefix: int
     gateway: IPAddress
     listen_port: int | None = None
+    # The gateway's MAC address as the client saw it; None when it did not say.
+    gateway_mac: str | None = None
 
     @property
     def network(self) -> IPNetwork:
@@ -46,9 +49,23 @@ class ReportedLan:
 
     @classmethod
     def from_entry(cls, entry: LanEntry) -> ReportedLan:
-        return cls(entry.ip, entry.netmask, entry.gateway, entry.listen_port)
+        return cls(entry.ip, entry.netmask, entry.gateway, entry.listen_port, entry.gateway_mac)
 
-    def sort_key(self) -> tuple[int, int, str, int, int, int, str, bool, int]:
+    def same_lan_as(self, other: ReportedLan) -> bool:
+        """Same gateway and network, and no fingerprint that tells the two LANs apart:
+        homes behind one carrier-grade NAT with the same router defaults
+        (192.168.1.0/24 via 192.168.1.1) differ in their router's MAC address."""
+        return (
+            self.gateway == other.gateway
+            and self.network == other.network
+            and (
+                self.gateway_mac is None
+                or other.gateway_mac is None
+                or self.gateway_mac == other.gateway_mac
+            )
+        )
+
+    def sort_key(self) -> tuple[int, int, str, int, int, int, str, bool, int, str]:
         """A total order for any two entries; the dataclass order is not one: IPv4 and IPv6
         addresses refuse to compare, and so do None and an int ``listen_port``."""
         return (
@@ -61,6 +78,7 @@ class ReportedLan:
             str(self.gateway),
             self.listen_port is None,
             self.listen_port or 0,
+            self.gateway_mac or "",
         )
 
 
@@ -151,7 +169,7 @@ def neighbours(
             if previous is not None and previous[1].listen_port is not None:
                 continue
             for other_lan in other.lans:
-                if other_lan.gateway == key.gateway and other_lan.network == key.network:
+                if other_lan.same_lan_as(lan):
                     if previous is None or other_lan.listen_port is not None:
                         chosen[pubkey] = (other, other_lan)
                     break

@@ -60,6 +60,7 @@ def encode(registration: Registration) -> str:
                     "prefix": lan.prefix,
                     "gateway": str(lan.gateway),
                     "listen_port": lan.listen_port,
+                    "gateway_mac": lan.gateway_mac,
                 }
                 for lan in registration.lans
             ],
@@ -94,6 +95,8 @@ def decode(text: str) -> Registration:
                 prefix=int(lan["prefix"]),
                 gateway=ip_address(lan["gateway"]),
                 listen_port=None if lan["listen_port"] is None else int(lan["listen_port"]),
+                # Rows written before the fingerprint existed have none.
+                gateway_mac=lan.get("gateway_mac"),
             )
             for lan in data["lans"]
         ),
