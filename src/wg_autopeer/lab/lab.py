@@ -1121,7 +1121,7 @@ class Lab:
         ns = self.ns(lan.router)
         self._add_host(lan.router)
         self._add_bridge(lan.name)
-        self._plug(lan.router, f"{lan.router}-w", WAN_IF, WAN_BRIDGE)
+        self._plug(lan.router, f"{lan.router}-w", WAN_IF, lan.upstream or WAN_BRIDGE)
         self._plug(lan.router, f"{lan.router}-l", ROUTER_LAN_IF, lan.name)
         self._ip(
             ns,
@@ -1130,6 +1130,10 @@ class Lab:
             f"addr add {lan.gateway} dev {ROUTER_LAN_IF}",
             f"link set {ROUTER_LAN_IF} up",
         )
+        if lan.upstream is not None:
+            # Behind another router: everything beyond its LAN goes through it.
+            gateway = self.topology.lan(lan.upstream).gateway.ip
+            self._ip(ns, f"route add default via {gateway} dev {WAN_IF}")
         self._sysctl(lan.router, "net.ipv4.ip_forward=1")
         if lan.masquerade:
             ports = " random,fully-random" if lan.random_ports else ""

@@ -71,6 +71,9 @@ class LanSpec:
     # Wi-Fi client isolation (hotels, guest networks): clients on this LAN reach
     # the router but not each other (bridge ports ``isolated on``).
     isolated: bool = False
+    # The LAN this router's WAN side sits on, instead of the WAN: a home router
+    # behind a carrier-grade NAT (whose own LAN is the ISP's 100.64.0.0/10 space).
+    upstream: str | None = None
 
     @property
     def network(self) -> IPv4Network:
@@ -209,9 +212,22 @@ class Topology:
     def _address_problems(self) -> list[str]:
         problems: list[str] = []
         wan_owners: dict[IPv4Address, str] = {}
+        lans = {lan.name: lan for lan in self.lans}
+        for lan in self.lans:
+            if lan.upstream is None:
+                continue
+            upstream = lans.get(lan.upstream)
+            if upstream is None or upstream.upstream is not None:
+                problems.append(
+                    f"LAN {lan.name}: upstream {lan.upstream!r} is not a LAN on the WAN"
+                )
+            elif lan.wan.network != upstream.network or lan.wan.ip == upstream.gateway.ip:
+                problems.append(
+                    f"{lan.router}: WAN address {lan.wan} is no host of {upstream.name}"
+                )
         for owner, iface in [
             (self.hub.name, self.hub.wan),
-            *((lan.router, lan.wan) for lan in self.lans),
+            *((lan.router, lan.wan) for lan in self.lans if lan.upstream is None),
         ]:
             if iface.network != self.wan:
                 problems.append(f"{owner}: WAN address {iface} is not in {self.wan}")
