@@ -247,3 +247,39 @@ def test_of_two_uplinks_the_preferred_default_route_wins_per_family() -> None:
         ("eth0", "192.168.50.10/24"),
         ("wlan0", "2001:db8:60::10/64"),
     ]
+
+
+def test_rotating_ipv6_privacy_addresses_are_never_reported() -> None:
+    stable = addr(2, "eth0", "2001:db8:50::10/64")
+    temporary = replace(addr(2, "eth0", "2001:db8:50::7a3f/64"), fleeting=True)
+    snap = replace(
+        BASE,
+        addresses=(*BASE.addresses, stable, temporary),
+        default_routes=(*BASE.default_routes, route(2, "eth0", "fe80::1", 1024)),
+    )
+    reported = [str(u.address) for u in snap.lan_uplinks() if u.address.version == 6]
+    assert reported == ["2001:db8:50::10/64"]
+    # A rotation (a new temporary address, the old one deprecated) changes no report.
+    rotated = replace(
+        snap,
+        addresses=(
+            *BASE.addresses,
+            stable,
+            temporary,
+            replace(addr(2, "eth0", "2001:db8:50::91c2/64"), fleeting=True),
+        ),
+    )
+    assert rotated.lan_uplinks() == snap.lan_uplinks()
+
+
+def test_a_privacy_address_rotating_wakes_nobody() -> None:
+    stable = addr(2, "eth0", "2001:db8:50::10/64")
+    before = replace(BASE, addresses=(*BASE.addresses, stable))
+    rotated = replace(
+        before,
+        addresses=(
+            *before.addresses,
+            replace(addr(2, "eth0", "2001:db8:50::91c2/64"), fleeting=True),
+        ),
+    )
+    assert diff_snapshots(before, rotated) == ()

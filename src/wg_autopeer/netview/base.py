@@ -75,6 +75,9 @@ def _lan_addresses(snap: NetSnapshot) -> set[tuple[str, IPInterface]]:
         # An address whose link is missing raced a link removal; the next read settles it.
         if link is None or not _is_lan_link(link) or addr.scope not in _LAN_SCOPES:
             continue
+        # A privacy address rotating is no news: it is never reported.
+        if addr.fleeting:
+            continue
         out.add((link.name, addr.interface))
     return out
 

@@ -53,6 +53,11 @@ _IFF_UP = 0x1
 _IFF_LOOPBACK = 0x8
 _ARPHRD_LOOPBACK = 772
 _RT_TABLE_MAIN = 254
+# Address flags (linux/if_addr.h): IPv6 privacy addresses that rotate, ones on their
+# way out, and ones still under duplicate address detection.
+_IFA_F_TEMPORARY = 0x01
+_IFA_F_DEPRECATED = 0x20
+_IFA_F_TENTATIVE = 0x40
 # Neighbour states without a usable link-layer address (linux/neighbour.h).
 _NUD_INCOMPLETE = 0x01
 _NUD_FAILED = 0x20
@@ -330,11 +335,17 @@ def _parse_addr(msg: Any, names: dict[int, str]) -> Address | None:
         return None
     index = int(msg.get("index"))
     scope = int(msg.get("scope") or 0)
+    # IFA_FLAGS holds all 32 bits; the header's flags field only the low 8.
+    flags = int(msg.get("IFA_FLAGS") or msg.get("flags") or 0)
+    if msg.get("family") == socket.AF_INET:
+        # For IPv4 that bit means "secondary" (same value): a normal, lasting address.
+        flags &= ~_IFA_F_TEMPORARY
     return Address(
         ifindex=index,
         ifname=names.get(index) or str(msg.get("IFA_LABEL") or f"if{index}"),
         interface=ip_interface(f"{raw}/{int(msg.get('prefixlen'))}"),
         scope=_SCOPES.get(scope, str(scope)),
+        fleeting=bool(flags & (_IFA_F_TEMPORARY | _IFA_F_DEPRECATED | _IFA_F_TENTATIVE)),
     )
 
 

@@ -62,6 +62,10 @@ class Address:
     interface: IPInterface
     # "global", "site", "link" or "host", as the kernel scopes it.
     scope: str = "global"
+    # An IPv6 privacy (temporary) address, a deprecated or a tentative one: it rotates
+    # or goes away, so it is never reported (a report per rotation would make the
+    # server re-read the hub and neighbours re-add us at every change).
+    fleeting: bool = False
 
 
 @dataclass(frozen=True, order=True)
@@ -125,6 +129,7 @@ class NetSnapshot:
                 for a in self.addresses
                 if a.ifindex == route.ifindex
                 and a.scope == "global"
+                and not a.fleeting
                 and a.interface.version == family
                 and a.interface.ip not in CGNAT
             ]
