@@ -21,48 +21,26 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from typing import Any
 
 from bench.common import Distribution, Options, PartResult, Row, bench_lab, log
 from wg_autopeer.lab import Lab, Topology, default_topology
 from wg_autopeer.lab.lab import wait_for
 from wg_autopeer.lab.pingwatch import ContinuousPing, PingResult
 from wg_autopeer.lab.services import (
-    routes_via_direct_peer,
+    direct_both_ways,
+    direct_either_way,
     start_agent,
     start_seed_agent,
     start_server,
     start_wgweb,
 )
+from wg_autopeer.lab.topology import default_with_lan
 
 PART = "Path switching"
 PROBE = 0.1
 KEEPALIVE = 3.0
 NEVER_WINDOW = 20.0
 JOIN_TIMEOUT = 40.0
-
-
-def _lan1(**changes: Any) -> Callable[[str], Topology]:
-    def build(prefix: str) -> Topology:
-        base = default_topology(prefix)
-        lans = tuple(
-            dataclasses.replace(lan, **changes) if lan.name == "lan1" else lan for lan in base.lans
-        )
-        return dataclasses.replace(base, lans=lans)
-
-    return build
-
-
-def _both_direct(lab: Lab) -> bool:
-    return routes_via_direct_peer(lab, "alice", "bob") and routes_via_direct_peer(
-        lab, "bob", "alice"
-    )
-
-
-def _either_direct(lab: Lab) -> bool:
-    return routes_via_direct_peer(lab, "alice", "bob") or routes_via_direct_peer(
-        lab, "bob", "alice"
-    )
 
 
 @dataclasses.dataclass
@@ -93,7 +71,9 @@ def _join(options: Options, build: Callable[[str], Topology], kind: str) -> Tria
             start_seed_agent(lab, "bob", interval=5)
         else:
             start_agent(lab, "bob", *agents)
-        direct = wait_for(lambda: _both_direct(lab), timeout=JOIN_TIMEOUT, interval=0.05)
+        direct = wait_for(
+            lambda: direct_both_ways(lab, "alice", "bob"), timeout=JOIN_TIMEOUT, interval=0.05
+        )
         to_direct = time.monotonic() - started if direct else None
         time.sleep(2.0)
         result = ping.stop()
@@ -111,7 +91,9 @@ def _never(options: Options, build: Callable[[str], Topology], kind: str) -> Tri
             agents = ()
         start_agent(lab, "alice", *agents)
         start_agent(lab, "bob", *agents)
-        ever = wait_for(lambda: _either_direct(lab), timeout=NEVER_WINDOW, interval=0.1)
+        ever = wait_for(
+            lambda: direct_either_way(lab, "alice", "bob"), timeout=NEVER_WINDOW, interval=0.1
+        )
         result = ping.stop()
     return Trial(result.lost, result.longest_outage, 0.0 if ever else None)
 
@@ -121,12 +103,14 @@ def _dies(options: Options) -> Trial:
         start_server(lab)
         start_agent(lab, "alice")
         start_agent(lab, "bob")
-        wait_for(lambda: _both_direct(lab), timeout=JOIN_TIMEOUT)
+        wait_for(lambda: direct_both_ways(lab, "alice", "bob"), timeout=JOIN_TIMEOUT)
         ping = _ping(lab)
         time.sleep(1.0)
         started = time.monotonic()
         lab.set_isolation("lan1", True)
-        back = wait_for(lambda: not _either_direct(lab), timeout=15, interval=0.05)
+        back = wait_for(
+            lambda: not direct_either_way(lab, "alice", "bob"), timeout=15, interval=0.05
+        )
         to_hub = time.monotonic() - started if back else None
         time.sleep(1.0)
         result: PingResult = ping.stop()
@@ -150,12 +134,12 @@ def run(options: Options) -> PartResult:
         ),
         (
             "never works: client isolation",
-            lambda: _never(options, _lan1(isolated=True), "push"),
+            lambda: _never(options, default_with_lan("lan1", isolated=True), "push"),
             "never",
         ),
         (
             "never works: wireguard-web, port-randomising NAT",
-            lambda: _never(options, _lan1(random_ports=True), "wgweb"),
+            lambda: _never(options, default_with_lan("lan1", random_ports=True), "wgweb"),
             "never",
         ),
         ("dies silently (isolation switched on)", lambda: _dies(options), "dies"),

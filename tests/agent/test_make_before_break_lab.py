@@ -22,6 +22,8 @@ from wg_autopeer.lab.lab import wait_for
 from wg_autopeer.lab.pingwatch import ContinuousPing, PingResult
 from wg_autopeer.lab.services import (
     agent_call,
+    direct_both_ways,
+    direct_either_way,
     direct_peers,
     routes_via_direct_peer,
     start_agent,
@@ -29,6 +31,7 @@ from wg_autopeer.lab.services import (
     start_server,
     start_wgweb,
 )
+from wg_autopeer.lab.topology import default_with_lan
 
 pytestmark = pytest.mark.lab
 
@@ -42,27 +45,8 @@ JOIN_LOSS = 5
 REKEY_TIMEOUT = 5.0
 
 
-def _topology(**lan1: object) -> Callable[[str], Topology]:
-    def build(prefix: str) -> Topology:
-        base = default_topology(prefix)
-        lans = tuple(
-            dataclasses.replace(lan, **lan1) if lan.name == "lan1" else lan for lan in base.lans
-        )
-        return dataclasses.replace(base, lans=lans)
-
-    return build
-
-
-def _both_direct(lab: Lab) -> bool:
-    return routes_via_direct_peer(lab, "alice", "bob") and routes_via_direct_peer(
-        lab, "bob", "alice"
-    )
-
-
 def _neither_direct(lab: Lab) -> bool:
-    return not routes_via_direct_peer(lab, "alice", "bob") and not routes_via_direct_peer(
-        lab, "bob", "alice"
-    )
+    return not direct_either_way(lab, "alice", "bob")
 
 
 def _watch(lab: Lab, seconds: float, condition: Callable[[Lab], bool]) -> bool:
@@ -92,7 +76,7 @@ def test_push_join_proves_the_path_before_moving_traffic(lab_factory: LabFactory
     start_server(lab)
     start_agent(lab, "alice")
     start_agent(lab, "bob")
-    assert wait_for(lambda: _both_direct(lab), timeout=15), "never went direct"
+    assert wait_for(lambda: direct_both_ways(lab, "alice", "bob"), timeout=15), "never went direct"
     # The hub is bypassed now: traffic flows over the proven path.
     time.sleep(1.0)  # a second of probes on the direct path, to be counted below
     result = ping.stop()
@@ -106,7 +90,7 @@ def test_push_join_proves_the_path_before_moving_traffic(lab_factory: LabFactory
 def test_client_isolated_lan_never_moves_traffic_and_loses_nothing(
     lab_factory: LabFactory,
 ) -> None:
-    lab = lab_factory(_topology(isolated=True))
+    lab = lab_factory(default_with_lan("lan1", isolated=True))
     ping = _ping(lab)
     start_server(lab)
     start_agent(lab, "alice")
@@ -127,7 +111,7 @@ def test_path_that_dies_silently_is_back_on_the_hub_within_keepalive_plus_one_se
     start_server(lab)
     start_agent(lab, "alice")
     start_agent(lab, "bob")
-    assert wait_for(lambda: _both_direct(lab), timeout=15)
+    assert wait_for(lambda: direct_both_ways(lab, "alice", "bob"), timeout=15)
     ping = _ping(lab)
     time.sleep(1.0)
     # The access point starts isolating clients: the LAN path dies, nobody says so.
@@ -148,14 +132,14 @@ def test_wireguard_web_with_port_keeping_nat_goes_direct_and_keeps_the_roamed_en
     start_wgweb(lab)
     start_agent(lab, "alice", "--interval", "5")
     start_agent(lab, "bob", "--interval", "5")
-    assert wait_for(lambda: _both_direct(lab), timeout=30), "never went direct"
+    assert wait_for(lambda: direct_both_ways(lab, "alice", "bob"), timeout=30), "never went direct"
     # Each holds the other at its real listen port, whatever the server offers
     # at the next polls (two more rounds).
     for host, other in (("alice", "bob"), ("bob", "alice")):
         peer = direct_peers(lab, host)[lab.public_key(other)]
         assert peer.endpoint is not None
         assert (str(peer.endpoint.address), peer.endpoint.port) == (str(lab.lan_ip(other)), 51820)
-    assert _watch(lab, 11.0, _both_direct)
+    assert _watch(lab, 11.0, lambda lab: direct_both_ways(lab, "alice", "bob"))
     result = ping.stop()
     assert result.lost <= JOIN_LOSS, _report(result)
 
@@ -163,7 +147,7 @@ def test_wireguard_web_with_port_keeping_nat_goes_direct_and_keeps_the_roamed_en
 def test_wireguard_web_with_port_randomising_nat_stays_on_the_hub_and_loses_nothing(
     lab_factory: LabFactory,
 ) -> None:
-    lab = lab_factory(_topology(random_ports=True))
+    lab = lab_factory(default_with_lan("lan1", random_ports=True))
     ping = _ping(lab)
     start_wgweb(lab)
     start_agent(lab, "alice", "--interval", "5")
@@ -185,7 +169,7 @@ def test_seed_agent_neighbour_is_taken_as_passive_peer_and_goes_direct(
     # bob runs the seed's agent: no listen port in its reports, everything it is
     # offered goes on its device with routes at once.
     start_seed_agent(lab, "bob", interval=5)
-    assert wait_for(lambda: _both_direct(lab), timeout=20), "never went direct"
+    assert wait_for(lambda: direct_both_ways(lab, "alice", "bob"), timeout=20), "never went direct"
     status = agent_call(lab, "alice", "status")
     peer = status["interfaces"][0]["direct_peers"][0]
     assert peer["health"] == "active"
@@ -209,7 +193,7 @@ def test_slash_32_tunnel_addresses_need_no_option(lab_factory: LabFactory) -> No
     start_server(lab)
     start_agent(lab, "alice")
     start_agent(lab, "bob")
-    assert wait_for(lambda: _both_direct(lab), timeout=15), "never went direct"
+    assert wait_for(lambda: direct_both_ways(lab, "alice", "bob"), timeout=15), "never went direct"
     interface = agent_call(lab, "alice", "status")["interfaces"][0]
     assert interface["tunnel_network"] == ["10.99.0.0/24"]
     assert interface["tunnel_network_source"] == "hub peer's allowed IPs"
@@ -223,7 +207,7 @@ def test_silently_vanished_neighbour_falls_back_within_keepalive_plus_one_second
     start_server(lab)
     start_agent(lab, "alice")
     bob = start_agent(lab, "bob")
-    assert wait_for(lambda: _both_direct(lab), timeout=15)
+    assert wait_for(lambda: direct_both_ways(lab, "alice", "bob"), timeout=15)
     # bob's agent dies without a word and his laptop moves to another LAN.
     lab.stop(bob, signal.SIGKILL)
     started = time.monotonic()

@@ -122,6 +122,16 @@ def routes_via_direct_peer(lab: Lab, host: str, other: str) -> bool:
     return peer is not None and any(lab.tunnel_ip(other) in net for net in peer.allowed_ips)
 
 
+def direct_both_ways(lab: Lab, a: str, b: str) -> bool:
+    """True when ``a`` and ``b`` each send the other's traffic over a direct peer."""
+    return routes_via_direct_peer(lab, a, b) and routes_via_direct_peer(lab, b, a)
+
+
+def direct_either_way(lab: Lab, a: str, b: str) -> bool:
+    """True when either of ``a`` and ``b`` sends the other's traffic over a direct peer."""
+    return routes_via_direct_peer(lab, a, b) or routes_via_direct_peer(lab, b, a)
+
+
 def agent_dirs(lab: Lab, host: str) -> tuple[Path, Path]:
     """State and runtime dirs of ``host``'s agent (inside the lab dir, per host)."""
     base = lab.lab_dir / f"agent-{host}"

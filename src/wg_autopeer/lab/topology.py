@@ -17,9 +17,10 @@ Naming, derived from the prefix so several labs can run side by side:
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import Any
 
 from wg_autopeer.errors import LabError
 
@@ -443,3 +444,15 @@ def default_topology(prefix: str = "wap", rate_mbit: float | None = 20.0) -> Top
     )
     topology.validate()
     return topology
+
+
+def default_with_lan(lan: str, **changes: Any) -> Callable[[str], Topology]:
+    """A builder of the default topology with ``changes`` made to LAN ``lan``
+    (e.g. ``isolated=True``, ``random_ports=True``)."""
+
+    def build(prefix: str) -> Topology:
+        base = default_topology(prefix)
+        lans = tuple(replace(spec, **changes) if spec.name == lan else spec for spec in base.lans)
+        return replace(base, lans=lans)
+
+    return build
