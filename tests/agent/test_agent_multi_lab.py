@@ -1,8 +1,9 @@
 """Several WireGuard interfaces and several default-route interfaces (issue 4, item 12).
 
 One agent per client manages every WireGuard device of its namespace, and reports
-the LAN of its preferred default route per address family. Each test builds the default lab (alice and bob behind NAT
-router r1 on lan1, carol behind r2 on lan2) with its own prefix, adds what it needs
+the LAN of its preferred default route per address family. Each test builds the
+default lab (alice and bob behind NAT router r1 on lan1, carol behind r2 on lan2)
+with its own prefix, adds what it needs
 (a second tunnel, or a second LAN link per client), and starts the real servers and
 agents; the lab is torn down even when a test fails.
 
