@@ -89,3 +89,49 @@ async def test_answers_on_a_kept_alive_connection_are_not_held_back_by_delayed_a
     async with serving(app, make_socket()) as port:
         times = await asyncio.to_thread(keep_alive_round_trips, port, 25)
     assert statistics.median(times[1:]) < 0.020, [round(t * 1000, 1) for t in times]
+
+
+def sample(metrics_text: str, name: str) -> float:
+    for line in metrics_text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+async def test_metrics_show_the_event_loop_lag_as_a_histogram(hub: Hub, app: FastAPI) -> None:
+    async with serving(app, command_socket()) as port:
+
+        def scrape() -> str:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                conn.sendall(b"GET /metrics HTTP/1.1\r\nHost: hub\r\nConnection: close\r\n\r\n")
+                return b"".join(iter(lambda: conn.recv(65536), b"")).decode()
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while sample(text := await asyncio.to_thread(scrape), LAG + "_count") < 1:
+            assert loop.time() < deadline, "the probe never reported"
+            await asyncio.sleep(0.05)
+    assert LAG + '_bucket{le="0.005"}' in text
+
+
+async def test_loop_lag_probe_sees_a_stalled_loop() -> None:
+    from wg_autopeer.server.metrics import ServerMetrics
+
+    metrics = ServerMetrics(clients=lambda: 0, groups=lambda: 0)
+    probe = asyncio.create_task(metrics.probe_loop_lag(interval=0.005))
+    try:
+        await asyncio.sleep(0)  # the probe starts its first timer
+        # The stall under test: the loop runs nothing meanwhile.
+        time.sleep(0.08)  # noqa: ASYNC251
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        text = metrics.render().decode()
+        while sample(text, LAG + '_bucket{le="0.05"}') == sample(text, LAG + "_count"):
+            assert loop.time() < deadline, "the stall was not recorded"
+            await asyncio.sleep(0.01)
+            text = metrics.render().decode()
+    finally:
+        probe.cancel()
+
+
+LAG = "wg_autopeer_event_loop_lag_seconds"

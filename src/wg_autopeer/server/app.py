@@ -40,6 +40,7 @@ from wg_autopeer.protocol import (
 )
 from wg_autopeer.server.config import ServerConfig
 from wg_autopeer.server.coordinator import Coordinator
+from wg_autopeer.server.hubread import DeviceReader
 from wg_autopeer.server.identity import HubPeer, normalise_source
 from wg_autopeer.server.matching import Registration, ReportedLan
 from wg_autopeer.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -281,27 +282,38 @@ def create_app(
     clock: Callable[[], float] = time.time,
     monotonic: Callable[[], float] = time.monotonic,
     store: RegistrationStore | None = None,
+    reader: DeviceReader | None = None,
 ) -> FastAPI:
     """The server app for hub interface ``config.interface``.
 
-    ``store`` defaults to ``SqliteStore(config.db)``, owned and closed by the app. The
+    ``store`` defaults to ``SqliteStore(config.db)``, owned and closed by the app.
+    ``reader`` defaults to the reader matching ``control`` (``hubread.reader_for``). The
     background refresh runs in the app's lifespan; ``app.state.coordinator`` exposes
     the core (tests drive ``tick()`` themselves).
     """
     owned_store = store is None
     the_store = SqliteStore(config.db) if store is None else store
-    core = Coordinator(config, control, store=the_store, clock=clock, monotonic=monotonic)
+    core = Coordinator(
+        config, control, store=the_store, clock=clock, monotonic=monotonic, reader=reader
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(core.run(), name="hub-refresh")
+        tasks = [
+            asyncio.create_task(core.run(), name="hub-refresh"),
+            asyncio.create_task(core.metrics.probe_loop_lag(), name="loop-lag-probe"),
+        ]
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             core.registry.wake_all()
+            await core.hub.close()
+            core.registry.flush()
             if owned_store:
                 the_store.close()
 
@@ -392,7 +404,7 @@ def create_app(
                 )
         except Refusal as refusal:
             return refused(request, refusal)
-        core.registry.put(registration)
+        await core.register(registration)
         return await answer(request, peer.public_key)
 
     async def fresh_peer(request: Request, peer: HubPeer, arrived: float) -> HubPeer:
@@ -475,8 +487,7 @@ def create_app(
             peer = await identify(request)
         except Refusal as refusal:
             return refused(request, refusal)
-        core.left_at[peer.public_key] = monotonic()
-        core.registry.remove(peer.public_key, "left")
+        await core.leave(peer.public_key)
         request.state.outcome = "left"
         return Response(status_code=204)
 
