@@ -300,3 +300,33 @@ def test_index_follows_an_allowed_ip_moving_between_peers_in_one_read() -> None:
     snapshot.apply(HubDelta({a: PeerState(a, (ip_network("10.9.0.2/32"),))}, full=True))
     assert set(snapshot.peers) == {a}
     assert snapshot.lookup(ip_address("10.50.1.1")) is None
+
+
+async def test_a_read_changing_many_peers_reaches_the_index_in_full() -> None:
+    wg = FakeWireGuard()
+    peers = tuple(
+        PeerState(make_key(n), (ip_network(f"10.9.{n // 250}.{n % 250 + 1}/32"),))
+        for n in range(2, 202)
+    ) + tuple(
+        PeerState(
+            base64.b64encode(n.to_bytes(32, "big")).decode(),
+            (ip_network(f"10.8.{n // 250}.{n % 250 + 1}/32"),),
+        )
+        for n in range(1000, 1500)
+    )
+    wg.add_device(HUB_IF, make_key(1), 51820, peers)
+    view = HubView(wg, HUB_IF, min_read_gap=0.0)
+    try:
+        assert await view.refresh_since(time.monotonic())
+        moved = Endpoint(ip_address("198.51.100.1"), 9)
+        wg.devices[HUB_IF] = DeviceState(
+            HUB_IF,
+            make_key(1),
+            51820,
+            tuple(PeerState(p.public_key, p.allowed_ips, moved) for p in peers),
+        )
+        assert await view.refresh_since(time.monotonic())
+        assert len(view.snapshot.peers) == len(peers)
+        assert all(p.endpoint == moved for p in view.snapshot.peers.values())
+    finally:
+        await view.close()

@@ -57,6 +57,13 @@ class HubDelta:
     full: bool = False
     peers: int = 0
 
+    def slices(self, size: int) -> Iterator[HubDelta]:
+        """This delta in parts of at most ``size`` changed peers (not for a full one)."""
+        items = list(self.changed.items())
+        yield HubDelta(dict(items[:size]), self.removed, peers=self.peers)
+        for start in range(size, len(items), size):
+            yield HubDelta(dict(items[start : start + size]), peers=self.peers)
+
 
 class DeviceReader(abc.ABC):
     """Reads one device from one worker thread; blocking calls, one at a time."""

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 # At most one read of the device per this many seconds, whoever asks.
 READ_GAP_S = 0.15
+# Changed peers applied to the index (and judged) per turn of the event loop.
+APPLY_SLICE = 200
 
 
 @dataclass(frozen=True)
@@ -248,14 +250,23 @@ class HubView:
             return False
         if fresh is not None:
             self.snapshot = fresh
+            parts = [delta]
         else:
-            self.snapshot.apply(delta)
+            # A few hundred peers at a time, letting requests run in between: a burst of
+            # handshakes must not stall the loop. An allowed IP moving between peers of
+            # two slices still ends with its new owner (unindexing checks the owner).
+            parts = list(delta.slices(APPLY_SLICE))
+        for i, part in enumerate(parts):
+            if i:
+                await asyncio.sleep(0)
+            if fresh is None:
+                self.snapshot.apply(part)
+            if self._on_change is not None:
+                self._on_change(part)
         self._resync = False
         self.last_error = None
         self._good_started_at = started
         self.refreshed_at = self._monotonic()
-        if self._on_change is not None:
-            self._on_change(delta)
         return True
 
     def _read_in_thread(self, full: bool) -> tuple[HubDelta, HubSnapshot | None]:
