@@ -541,3 +541,18 @@ async def test_concurrent_changes_share_one_transaction(
     assert [a.status_code for a in answers] == [200, 200, 200]
     assert sum(len(puts) for puts, _ in store.batches) == 3
     assert len(store.batches) < 3
+
+
+async def test_a_client_back_after_its_expiry_is_offered_again_at_once(
+    hub: Hub, app: FastAPI
+) -> None:
+    await hub.post(app, ALICE)
+    assert peer_keys(await hub.post(app, BOB)) == [ALICE.key]
+    hub.clock.now += 91
+    hub.handshake_all()
+    # alice expired (not yet swept): bob's answer leaves her out, and is remembered.
+    assert peer_keys(await hub.post(app, BOB)) == []
+    assert peer_keys(await hub.post(app, BOB)) == []
+    # Her unchanged report brings her back: bob's next answer has her again.
+    assert peer_keys(await hub.post(app, ALICE)) == [BOB.key]
+    assert peer_keys(await hub.post(app, BOB)) == [ALICE.key]

@@ -51,6 +51,10 @@ class Coordinator:
         # When each key last left (DELETE), monotonic: a report that arrived before
         # its client's leave but finished after it must not register that client again.
         self.left_at: dict[str, float] = {}
+        # The body each registered client last reported: the same bytes again (an agent's
+        # periodic report) reuse its registration's parsed LANs, skipping JSON, pydantic
+        # and address parsing. Dropped with the registration.
+        self.report_bodies: dict[str, bytes] = {}
         self.registry = Registry(config.policy, store)
         # Handshake deadlines of registered clients: (latest handshake + max age, key), at
         # most one entry per key; a newer handshake just moves the key on when it comes due.
@@ -92,12 +96,13 @@ class Coordinator:
 
     def _count(self, dropped: list[Dropped]) -> None:
         for item in dropped:
+            self.report_bodies.pop(item.pubkey, None)
             self.metrics.dropped.labels(reason=item.reason).inc()
 
     async def register(self, registration: Registration) -> bool:
         """Register or refresh a client (``Registry.put``) and watch its handshake; returns
         once a change of content is in the store, so an answered registration is kept."""
-        changed = self.registry.put(registration)
+        changed = self.registry.put(registration, self.clock())
         peer = self.hub.snapshot.peers.get(registration.pubkey)
         self._queue_handshake(registration.pubkey, peer)
         if changed:
@@ -107,6 +112,7 @@ class Coordinator:
     async def leave(self, pubkey: str) -> None:
         """Drop a client at its request; returns once that is in the store."""
         self.left_at[pubkey] = self.monotonic()
+        self.report_bodies.pop(pubkey, None)
         self.registry.remove(pubkey, "left")
         await self.registry.durable()
 
@@ -127,6 +133,9 @@ class Coordinator:
             self._judge(list(self.registry.pubkeys))
         else:
             self._judge([*delta.changed, *delta.removed])
+        # Every read also settles the handshakes gone stale by now, as a full check of every
+        # registration would: a report that made the read must not see a stale neighbour.
+        self._stale_handshakes(self.clock())
 
     async def tick(self) -> None:
         """One round of background work: a read of the hub (judging the clients whose peer
@@ -138,6 +147,15 @@ class Coordinator:
         """Drop what is due: expired registrations and stale handshakes."""
         now = self.clock()
         self._count(self.registry.sweep(now))
+        self._stale_handshakes(now)
+        self.registry.flush_due()
+        # A report is over long before this: reads of the hub are its only waits.
+        horizon = self.monotonic() - LEFT_MEMORY_S
+        for key in [k for k, t in self.left_at.items() if t < horizon]:
+            del self.left_at[key]
+
+    def _stale_handshakes(self, now: float) -> None:
+        """Judge the registered clients whose handshake deadline has come."""
         heap = self._handshakes
         due = []
         while heap and heap[0][0] <= now:
@@ -150,11 +168,6 @@ class Coordinator:
             if self.registry.get(pubkey) is not None:
                 # Fresh after all (a newer handshake): watch its new deadline.
                 self._queue_handshake(pubkey, self.hub.snapshot.peers.get(pubkey))
-        self.registry.flush_due()
-        # A report is over long before this: reads of the hub are its only waits.
-        horizon = self.monotonic() - LEFT_MEMORY_S
-        for key in [k for k, t in self.left_at.items() if t < horizon]:
-            del self.left_at[key]
 
     def left_since(self, pubkey: str, moment: float) -> bool:
         """True when ``pubkey`` left (DELETE) at or after ``moment`` (monotonic)."""

@@ -60,6 +60,10 @@ class Registry:
         self._regs: dict[str, Registration] = {}
         self._index: dict[GroupKey, set[str]] = {}
         self._waiters: dict[str, asyncio.Event] = {}
+        # Each client's last answer (body, ETag) and until when it holds (the earliest
+        # expiry among the requester and the neighbours it names). Dropped with every
+        # wake-up of that client, i.e. at every change that may alter its answer.
+        self._answers: dict[str, tuple[bytes, str, float]] = {}
         # Expiry deadlines: (expires_at, key), at most one entry per key. An entry may be
         # older than its registration's current expiry (refreshes do not touch the heap);
         # the sweep then queues the key again at its current expiry.
@@ -86,6 +90,25 @@ class Registry:
             return PeeringAnswer(peers=[])
         return PeeringAnswer(peers=neighbours(requester, self._index, self._regs, self.policy, now))
 
+    def answer(self, pubkey: str, now: float) -> tuple[bytes, str]:
+        """The body and ETag of ``answer_for(pubkey, now)``, computed once per change."""
+        cached = self._answers.get(pubkey)
+        if cached is not None and now < cached[2]:
+            return cached[0], cached[1]
+        requester = self._regs.get(pubkey)
+        current = self.answer_for(pubkey, now)
+        body = answer_bytes(current)
+        etag = etag_of(current, registered=requester is not None)
+        if requester is not None and requester.expires_at > now:
+            valid = min(
+                [
+                    requester.expires_at,
+                    *(self._regs[offer.pubkey].expires_at for offer in current.peers),
+                ]
+            )
+            self._answers[pubkey] = (body, etag, valid)
+        return body, etag
+
     def change_event(self, pubkey: str) -> asyncio.Event:
         """An event set at the next change that may alter the answer of ``pubkey``.
 
@@ -108,14 +131,17 @@ class Registry:
             self._insert(registration)
         return len(loaded)
 
-    def put(self, registration: Registration) -> bool:
+    def put(self, registration: Registration, now: float | None = None) -> bool:
         """Register or refresh a client; True when its neighbours' answers may have changed.
 
         An unchanged report only pushes the expiry back: no re-indexing, no wake-up, and
-        its store write waits for a later batch (``GroupCommit``).
+        its store write waits for a later batch (``GroupCommit``). One that comes back
+        after its expiry (``now``), before the sweep dropped it, counts as a change: its
+        neighbours' answers left it out meanwhile.
         """
         old = self._regs.get(registration.pubkey)
-        if old is not None and registration.same_content(old):
+        alive = old is not None and (now is None or old.expires_at > now)
+        if old is not None and alive and registration.same_content(old):
             self._regs[registration.pubkey] = registration
             if self._writes is not None:
                 self._writes.refresh(registration)
@@ -195,6 +221,7 @@ class Registry:
 
     def wake_all(self) -> None:
         """Wake every waiter (shutdown: let blocking queries answer now)."""
+        self._answers.clear()
         waiters, self._waiters = self._waiters, {}
         for event in waiters.values():
             event.set()
@@ -231,6 +258,7 @@ class Registry:
                 self._wake_key(pubkey)
 
     def _wake_key(self, pubkey: str) -> None:
+        self._answers.pop(pubkey, None)
         event = self._waiters.pop(pubkey, None)
         if event is not None:
             event.set()
