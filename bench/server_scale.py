@@ -2,13 +2,19 @@
 5 000 blocking queries held at once.
 
 The server is the product's app (``create_app``) served by uvicorn in this process on
-127.0.0.1, with the options of ``wg-autopeer server`` (no proxy headers, INFO logging
-with one access line per request, to a file) and its default SQLite store on disk.
-Its hub is a synthetic ``get=1`` answer (``bench.synthetic``) parsed by the product's
-UAPI parser into a ``FakeWireGuard``, so the server's own ``HubView`` reads and
-indexes it on its usual 2 s timer. The registry is filled through ``Registry.put``
-(the handler's own step), then ``bench.loadgen`` — another process — sends requests
-at fixed concurrency, each from a random client's own loopback address.
+127.0.0.1, with the product's uvicorn configuration (``uvicorn_config``: no proxy
+headers, its h11 protocol) and INFO logging with one access line per request, to a
+file, and its default SQLite store on disk. Its hub is a synthetic userspace device
+(``bench.uapi_device``, another process) answering ``get=1`` on a UAPI socket with the
+whole population, new counters on every read and a handshake per client every two
+minutes: the server reads it with its real UAPI reader and parser, in its worker
+thread, on its usual 2 s timer. The registry is loaded from the store, then
+``bench.loadgen`` — another process — sends requests at fixed concurrency, each from a
+random client's own loopback address.
+
+While the load runs, a probe in the server's event loop (a 1 ms timer) records how late
+the loop runs: the stalls every request would wait behind. At 1 000 clients, the
+requests per second the app answers in process (ASGI calls, no sockets) on one core.
 
 Handshakes and TTL are set to a day so that the synthetic state stays valid for the
 whole run; nothing else differs from the defaults.
@@ -41,17 +47,20 @@ from bench.common import (
     PartResult,
     Row,
     log,
+    percentile,
     raise_fd_limit,
     require,
     sample_process,
 )
-from bench.synthetic import DISTRIBUTIONS, LISTEN_PORT, Client, population, uapi_lines
+from bench.synthetic import DISTRIBUTIONS, LISTEN_PORT, Client, population
+from wg_autopeer.protocol import PATH
 from wg_autopeer.server.app import Coordinator, create_app
 from wg_autopeer.server.config import ServerConfig
+from wg_autopeer.server.http import uvicorn_config
+from wg_autopeer.server.hubread import UapiReader
 from wg_autopeer.server.matching import Registration, ReportedLan
 from wg_autopeer.server.store import SqliteStore
 from wg_autopeer.wireguard.fake import FakeWireGuard
-from wg_autopeer.wireguard.uapi import parse_device
 
 PART = "Server scale"
 IFACE = "bench0"
@@ -61,6 +70,11 @@ BLOCKING_REGISTRY = 10_000
 WAITERS = 5_000
 TARGET_P99_MS = 10.0
 TARGET_RATIO = 1.5
+TARGET_STALL_MS = 5.0
+TARGET_INPROC_RPS = 4000
+TARGET_RSS_PER_CLIENT_KIB = 2.0
+INPROC_SECONDS = 3.0
+IDLE_WINDOW_S = 5.0
 T = TypeVar("T")
 
 
@@ -81,6 +95,19 @@ class Case:
     # Full (generation 2) garbage collections during the load, and their total time.
     full_gcs: int = 0
     full_gc_ms: float = 0.0
+    # The event loop with no requests, over a few background rounds: background work only.
+    idle_stall_max_ms: float = 0.0
+    idle_hub_reads: int = 0
+    # The event loop during the load (background work and requests alike): its worst
+    # lateness, and how often it was over 5 ms.
+    stall_max_ms: float = 0.0
+    stall_p99_ms: float = 0.0
+    stalls_over_5ms: int = 0
+    # Reads of the hub during the load, and the wall time of the first (full) one.
+    hub_reads: int = 0
+    first_read_ms: float = 0.0
+    # Requests/s answered in process (ASGI calls, one at a time), at the smallest size.
+    inproc_rps: float = 0.0
     load: dict[str, Any] = field(default_factory=dict)
 
 
@@ -149,33 +176,55 @@ async def with_server(
 
     for leftover in db.parent.glob(db.name + "*"):
         leftover.unlink()
-    control = FakeWireGuard()
-    control.devices[IFACE] = parse_device(IFACE, uapi_lines(clients, int(time.time())))
+    socket_dir = db.parent / "uapi"
+    socket_dir.mkdir(exist_ok=True)
+    device = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.uapi_device",
+        "--socket", str(socket_dir / f"{IFACE}.sock"),
+        "--n", str(len(clients)), "--dist", case.distribution,
+        cwd=str(REPO), stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert device.stdout is not None
+    try:
+        ready = await asyncio.wait_for(device.stdout.readline(), 120)
+        require(ready.strip() == b"ready", "the synthetic UAPI device did not start")
+        return await serve_with(clients, db, socket_dir, body, case)
+    finally:
+        device.kill()
+        await device.wait()
+
+
+async def serve_with(
+    clients: list[Client],
+    db: Path,
+    socket_dir: Path,
+    body: Callable[[int, Coordinator, Case], Awaitable[T]],
+    case: Case,
+) -> T:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # Ctrl-C must reach the benchmark runner, not stop only this server.
+            yield
+
     config = ServerConfig(interface=IFACE, db=str(db), handshake_max_age=DAY, ttl=DAY)
     # The registry comes from the store, as after a restart: written in one transaction
     # here (one request per client would take minutes), loaded by the server itself.
     with BulkStore(db) as store:
         store.put_all(registration(c, config.ttl) for c in clients)
+    # The real UAPI reader and parser; the link check is the one thing left out (the
+    # synthetic device has no network interface).
+    reader = UapiReader(IFACE, socket_dir, link_exists=lambda name: True)
     started = time.perf_counter()
-    app = create_app(config, control)
+    app = create_app(config, FakeWireGuard(), reader=reader)
     case.prefill_s = time.perf_counter() - started
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = int(sock.getsockname()[1])
-    server = Server(
-        uvicorn.Config(
-            app,
-            proxy_headers=False,
-            forwarded_allow_ips=None,
-            server_header=False,
-            access_log=False,
-            log_config=None,
-            lifespan="on",
-            backlog=8192,
-            timeout_graceful_shutdown=1,
-        )
-    )
+    server = Server(uvicorn_config(app, backlog=8192, timeout_graceful_shutdown=1))
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         while not server.started:
@@ -183,19 +232,111 @@ async def with_server(
             await asyncio.sleep(0.02)
         core: Coordinator = app.state.coordinator
         require(core.registry.client_count == len(clients), "registry not filled")
+        # The first (full) read, which the lifespan's background round started.
+        started = time.perf_counter()
+        while core.hub.refreshed_at is None:
+            require(time.perf_counter() - started < 300, "the first hub read never finished")
+            await asyncio.sleep(0.05)
+        case.first_read_ms = (time.perf_counter() - started) * 1000
+        require(len(core.hub.snapshot.peers) == len(clients), "hub not read in full")
         gc.collect()
-        # One background round (re-read and index the hub, check every registration,
-        # expire): the server runs it every refresh_interval.
+        # One background round (a read of the hub, in the worker thread, then the due
+        # deadlines): the server runs it every refresh_interval.
         started = time.perf_counter()
         await core.tick()
         case.tick_ms = (time.perf_counter() - started) * 1000
         case.rss_kib = sample_process_self()
         case.match_us = time_matching(core, clients)
+        if case.size == min(SIZES):
+            case.inproc_rps = await inprocess_rps(app, clients, INPROC_SECONDS)
+        # No requests for a few background rounds: what background work alone costs the loop.
+        reads = core.hub.reads
+        probe = LoopProbe()
+        await asyncio.sleep(IDLE_WINDOW_S)
+        case.idle_stall_max_ms = max(await probe.stop(), default=0.0) * 1000
+        case.idle_hub_reads = core.hub.reads - reads
         return await body(port, core, case)
     finally:
         server.should_exit = True
         await serving
         sock.close()
+
+
+async def inprocess_rps(app: Any, clients: list[Client], seconds: float) -> float:
+    """Peering requests per second through the app's ASGI interface, one at a time."""
+    rng = random.Random(7)
+    answered = 0
+    loop = asyncio.get_running_loop()
+    until = loop.time() + seconds
+    while loop.time() < until:
+        client = clients[rng.randrange(len(clients))]
+        status = await asgi_post(app, client)
+        require(status == 200, f"in-process request answered {status}")
+        answered += 1
+    return answered / seconds
+
+
+async def asgi_post(app: Any, client: Client) -> int:
+    body = client.body()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": PATH,
+        "raw_path": PATH.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"hub"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+        "client": (client.tunnel_ip, 40000),
+        "server": ("127.0.0.1", 80),
+        "state": {},
+    }
+    delivered = False
+    status = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # no disconnect: the app never asks again
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+
+    await app(scope, receive, send)
+    return status
+
+
+class LoopProbe:
+    """A 1 ms timer on the loop; records how late it runs, until ``stop``."""
+
+    def __init__(self, interval: float = 0.001) -> None:
+        self.interval = interval
+        self.lags: list[float] = []
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + self.interval
+            await asyncio.sleep(self.interval)
+            self.lags.append(max(0.0, loop.time() - due))
+
+    async def stop(self) -> list[float]:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        return self.lags
 
 
 class GcClock:
@@ -265,6 +406,8 @@ async def load_case(
 
     async def body(port: int, core: Coordinator, case: Case) -> Case:
         before = process_cpu()
+        reads = core.hub.reads
+        probe = LoopProbe()
         gc_clock = GcClock()
         case.load = await loadgen(
             "load",
@@ -274,6 +417,11 @@ async def load_case(
         requests = case.load["requests"] / case.load["seconds"] * (duration + 1.0)
         case.cpu_ms_per_request = (process_cpu() - before) * 1000 / max(requests, 1.0)
         case.full_gc_ms, case.full_gcs = gc_clock.stop()
+        lags = await probe.stop()
+        case.hub_reads = core.hub.reads - reads
+        case.stall_max_ms = max(lags, default=0.0) * 1000
+        case.stall_p99_ms = percentile(lags, 99) * 1000
+        case.stalls_over_5ms = sum(1 for lag in lags if lag > TARGET_STALL_MS / 1000)
         return case
 
     return await with_server(clients, options.out / "server-scale.db", body, case)
@@ -415,10 +563,59 @@ def rows(cases: list[Case], blocking: dict[str, Any], concurrency: int) -> list[
     out.append(
         Row(
             PART,
-            f"background round at {max(SIZES):,} clients (every 2 s; blocks the loop)",
-            ", ".join(f"{c.tick_ms:.0f} ms ({c.distribution})" for c in big),
+            f"background round at {max(SIZES):,} clients (every 2 s; the hub read runs in "
+            "a worker thread through the real UAPI parser)",
+            ", ".join(
+                f"{c.tick_ms:.0f} ms ({c.distribution}; first, full read {c.first_read_ms:.0f} ms)"
+                for c in big
+            ),
         )
     )
+    for case in big:
+        out.append(
+            Row(
+                PART,
+                f"event-loop stalls from background work at {case.size:,} clients "
+                f"({case.distribution} LANs; no requests, {case.idle_hub_reads} hub reads)",
+                f"max {case.idle_stall_max_ms:.1f} ms",
+                f"max <= {TARGET_STALL_MS:g} ms",
+                case.idle_stall_max_ms <= TARGET_STALL_MS,
+            )
+        )
+        out.append(
+            Row(
+                PART,
+                f"event-loop lateness under load at {case.size:,} clients ({case.distribution} "
+                f"LANs; requests included; {case.hub_reads} hub reads meanwhile)",
+                f"max {case.stall_max_ms:.1f} ms, p99 {case.stall_p99_ms:.2f} ms, "
+                f"{case.stalls_over_5ms} over {TARGET_STALL_MS:g} ms",
+            )
+        )
+    for case in (c for c in cases if c.size == min(SIZES)):
+        out.append(
+            Row(
+                PART,
+                f"in process at {case.size:,} clients ({case.distribution} LANs; ASGI calls "
+                "one at a time, one core)",
+                f"{case.inproc_rps:.0f} requests/s",
+                f">= {TARGET_INPROC_RPS} requests/s",
+                case.inproc_rps >= TARGET_INPROC_RPS,
+            )
+        )
+    for distribution in DISTRIBUTIONS:
+        small = next(c for c in cases if c.distribution == distribution and c.size == min(SIZES))
+        large = next(c for c in cases if c.distribution == distribution and c.size == max(SIZES))
+        per_client = (large.rss_kib - small.rss_kib) / (large.size - small.size)
+        out.append(
+            Row(
+                PART,
+                f"server RSS per registered client ({distribution} LANs; "
+                f"{small.size:,} -> {large.size:,} clients)",
+                f"{per_client:.2f} KiB",
+                f"<= {TARGET_RSS_PER_CLIENT_KIB:g} KiB",
+                per_client <= TARGET_RSS_PER_CLIENT_KIB,
+            )
+        )
     idle = blocking["idle_seconds"]
     per_waiter = (blocking["rss_waiting_kib"] - blocking["rss_before_kib"]) / blocking["waiters"]
     out += [

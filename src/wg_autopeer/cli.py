@@ -3,34 +3,60 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+
+# Each command name, the module whose ``add_parser`` defines it, and its one-line help.
+# Only the module of the command being run is imported (the lab, the tray, the agent and
+# the server each pull in heavy libraries the others do not need).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "agent": ("wg_autopeer.agent.command", "run the agent beside a WireGuard client"),
+    "status": ("wg_autopeer.agent.command", "show the running agent's state"),
+    "sync": ("wg_autopeer.agent.command", "re-sync now"),
+    "server": ("wg_autopeer.server.command", "run the coordination server on the hub"),
+    "lab": (
+        "wg_autopeer.lab.command",
+        "namespace lab: hub, two NAT-ed LANs, three clients with userspace WireGuard",
+    ),
+    "tray": ("wg_autopeer.tray", "show a tray icon for the running agent (desktop user)"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_in(argv: Sequence[str]) -> str | None:
+    """The command named in ``argv``: its first word that is not an option."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word if word in COMMANDS else None
+    return None
+
+
+def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The parser, importing only the modules of ``commands`` (every one when None)."""
     parser = argparse.ArgumentParser(
         prog="wg-autopeer",
         description="Direct WireGuard peering between hub clients that share a LAN.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    from wg_autopeer import tray as tray_command
-    from wg_autopeer.agent import command as agent_command
-    from wg_autopeer.lab import command as lab_command
-    from wg_autopeer.server import command as server_command
-
-    agent_command.add_parser(sub)
-    server_command.add_parser(sub)
-    lab_command.add_parser(sub)
-    tray_command.add_parser(sub)
+    names = COMMANDS if commands is None else commands
+    wanted = {COMMANDS[name][0] for name in names}
+    for module in dict.fromkeys(m for m, _ in COMMANDS.values()):
+        if module in wanted:
+            importlib.import_module(module).add_parser(sub)
+    for name, (_, helptext) in COMMANDS.items():
+        if name not in sub.choices:
+            # Listed in --help; never chosen (the chosen command's module is loaded).
+            sub.add_parser(name, help=helptext)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    command = command_in(words)
+    parser = build_parser([command] if command else [])
+    args = parser.parse_args(words)
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -478,3 +478,81 @@ async def test_bug_in_the_hub_backend_becomes_a_json_500(
     response = await hub.post(app, ALICE)
     assert response.status_code == 500
     assert response.json() == {"error": "internal server error"}
+
+
+# -- what reaches the store ------------------------------------------------------------------
+
+
+class CountingStore(SqliteStore):
+    """The SQLite store, counting the batches written to it."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(path)
+        self.batches: list[tuple[list[str], list[str]]] = []
+
+    def write_batch(self, puts: Any, deletes: Any) -> None:
+        puts, deletes = list(puts), list(deletes)
+        self.batches.append(([r.pubkey for r in puts], list(deletes)))
+        super().write_batch(puts, deletes)
+
+
+async def test_unchanged_report_writes_nothing_to_the_store(
+    hub_factory: Callable[[RegistrationStore], Hub], db_path: Path
+) -> None:
+    store = CountingStore(db_path)
+    hub = hub_factory(store)
+    app = hub.app()
+    assert (await hub.post(app, ALICE)).status_code == 200
+    assert store.batches == [([ALICE.key], [])]
+    for _ in range(5):
+        hub.clock.now += 10
+        hub.handshake_all()
+        assert (await hub.post(app, ALICE)).status_code == 200
+    assert len(store.batches) == 1
+    # The refreshed expiry is kept in memory, and answered from there.
+    assert hub.core(app).registry.get(ALICE.key).expires_at == hub.clock.now + 90  # type: ignore[union-attr]
+    # A change of content is written again.
+    assert (await hub.post(app, ALICE, entry(ALICE, listen_port=51999))).status_code == 200
+    assert len(store.batches) == 2
+
+
+async def test_an_answered_registration_survives_a_crash(
+    hub_factory: Callable[[RegistrationStore], Hub], db_path: Path
+) -> None:
+    hub = hub_factory(SqliteStore(db_path))
+    app = hub.app()
+    assert (await hub.post(app, ALICE)).status_code == 200
+    assert (await hub.post(app, BOB)).status_code == 200
+    # No shutdown, no flush: another connection reads what is on disk right now.
+    crashed = SqliteStore(db_path)
+    try:
+        assert {r.pubkey for r in crashed.load_all()} == {ALICE.key, BOB.key}
+    finally:
+        crashed.close()
+
+
+async def test_concurrent_changes_share_one_transaction(
+    hub_factory: Callable[[RegistrationStore], Hub], db_path: Path
+) -> None:
+    store = CountingStore(db_path)
+    hub = hub_factory(store)
+    app = hub.app()
+    answers = await asyncio.gather(*(hub.post(app, c) for c in (ALICE, BOB, CAROL)))
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert sum(len(puts) for puts, _ in store.batches) == 3
+    assert len(store.batches) < 3
+
+
+async def test_a_client_back_after_its_expiry_is_offered_again_at_once(
+    hub: Hub, app: FastAPI
+) -> None:
+    await hub.post(app, ALICE)
+    assert peer_keys(await hub.post(app, BOB)) == [ALICE.key]
+    hub.clock.now += 91
+    hub.handshake_all()
+    # alice expired (not yet swept): bob's answer leaves her out, and is remembered.
+    assert peer_keys(await hub.post(app, BOB)) == []
+    assert peer_keys(await hub.post(app, BOB)) == []
+    # Her unchanged report brings her back: bob's next answer has her again.
+    assert peer_keys(await hub.post(app, ALICE)) == [BOB.key]
+    assert peer_keys(await hub.post(app, BOB)) == [ALICE.key]

@@ -708,13 +708,14 @@ def test_report_in_flight_when_its_client_leaves_does_not_register_it_again(
 ) -> None:
     """An agent shutting down sends its leave while its last report may still be in
     flight; found by the soak: the report finished second and brought the client back."""
-    gate = asyncio.Event()
-    reading = asyncio.Event()
+    # Threading events: the server reads the device in a worker thread of its own.
+    gate = threading.Event()
+    reading = threading.Event()
     original = target.wg.get_device
 
     async def slow_read(interface: str, *, with_private_key: bool = False) -> Any:
         reading.set()
-        await gate.wait()
+        assert gate.wait(timeout=10.0)
         return await original(interface, with_private_key=with_private_key)
 
     moved = body_of([entry(ALICE, ip="10.1.1.5", gateway="10.1.1.1")])
@@ -724,7 +725,10 @@ def test_report_in_flight_when_its_client_leaves_does_not_register_it_again(
         async with httpx.AsyncClient(transport=transport, base_url="http://10.99.0.1") as http:
             # A moved LAN makes the report re-read the hub: it waits there, in flight.
             report = asyncio.create_task(http.post(PATH, content=moved, headers=JSON_TYPE))
-            await asyncio.wait_for(reading.wait(), 5.0)
+            deadline = time.monotonic() + 5.0
+            while not reading.is_set():
+                assert time.monotonic() < deadline, "the report never read the hub"
+                await asyncio.sleep(0.005)
             leave = await http.delete(PATH)
             gate.set()
             return await report, leave

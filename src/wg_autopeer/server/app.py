@@ -40,11 +40,11 @@ from wg_autopeer.protocol import (
 )
 from wg_autopeer.server.config import ServerConfig
 from wg_autopeer.server.coordinator import Coordinator
+from wg_autopeer.server.hubread import DeviceReader
 from wg_autopeer.server.identity import HubPeer, normalise_source
 from wg_autopeer.server.matching import Registration, ReportedLan
 from wg_autopeer.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from wg_autopeer.server.metrics import ServerMetrics
-from wg_autopeer.server.registry import answer_bytes, etag_of
 from wg_autopeer.server.store import RegistrationStore, SqliteStore
 from wg_autopeer.wireguard.base import IPAddress, WireGuardControl
 
@@ -281,27 +281,38 @@ def create_app(
     clock: Callable[[], float] = time.time,
     monotonic: Callable[[], float] = time.monotonic,
     store: RegistrationStore | None = None,
+    reader: DeviceReader | None = None,
 ) -> FastAPI:
     """The server app for hub interface ``config.interface``.
 
-    ``store`` defaults to ``SqliteStore(config.db)``, owned and closed by the app. The
+    ``store`` defaults to ``SqliteStore(config.db)``, owned and closed by the app.
+    ``reader`` defaults to the reader matching ``control`` (``hubread.reader_for``). The
     background refresh runs in the app's lifespan; ``app.state.coordinator`` exposes
     the core (tests drive ``tick()`` themselves).
     """
     owned_store = store is None
     the_store = SqliteStore(config.db) if store is None else store
-    core = Coordinator(config, control, store=the_store, clock=clock, monotonic=monotonic)
+    core = Coordinator(
+        config, control, store=the_store, clock=clock, monotonic=monotonic, reader=reader
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(core.run(), name="hub-refresh")
+        tasks = [
+            asyncio.create_task(core.run(), name="hub-refresh"),
+            asyncio.create_task(core.metrics.probe_loop_lag(), name="loop-lag-probe"),
+        ]
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             core.registry.wake_all()
+            await core.hub.close()
+            core.registry.flush()
             if owned_store:
                 the_store.close()
 
@@ -370,20 +381,17 @@ def create_app(
             peer = await identify(request)
             if not _is_json(request.headers.get("content-type")):
                 raise Refusal(415, "unsupported_media", "Content-Type must be application/json")
-            entries = parse_entries(await read_capped_body(request))
-            if entries[0].pubkey != peer.public_key:
-                raise Refusal(
-                    403, "forbidden", "pubkey is not the key that owns this tunnel address"
-                )
+            body = await read_capped_body(request)
+            lans = reported_lans(peer.public_key, body)
             peer = await fresh_peer(request, peer, arrived)
-            registration = build_registration(peer, entries)
+            registration = build_registration(peer, lans)
             # A new or moved LAN usually means the client just roamed: its first
             # packets from the new address reached the hub before this request did,
             # so a view read now has its new endpoint, while the cache may predate it.
             moved = not registration.same_content(core.registry.get(peer.public_key))
             if moved and await core.hub.refresh_since(arrived):
                 peer = await fresh_peer(request, await identify(request), arrived)
-                registration = build_registration(peer, entries)
+                registration = build_registration(peer, lans)
             if core.left_since(peer.public_key, arrived):
                 # The client's last report racing its own leave (an agent shutting down):
                 # registering it now would offer its neighbours a peer that is gone.
@@ -392,7 +400,8 @@ def create_app(
                 )
         except Refusal as refusal:
             return refused(request, refusal)
-        core.registry.put(registration)
+        await core.register(registration)
+        core.report_bodies[peer.public_key] = body
         return await answer(request, peer.public_key)
 
     async def fresh_peer(request: Request, peer: HubPeer, arrived: float) -> HubPeer:
@@ -416,15 +425,23 @@ def create_app(
             raise Refusal(409, "stale_handshake", "the hub has no endpoint for this client yet")
         return peer
 
-    def build_registration(peer: HubPeer, entries: list[LanEntry]) -> Registration:
+    def reported_lans(pubkey: str, body: bytes) -> tuple[ReportedLan, ...]:
+        current = core.registry.get(pubkey)
+        if current is not None and core.report_bodies.get(pubkey) == body:
+            return current.lans
+        core.report_bodies.pop(pubkey, None)
+        entries = parse_entries(body)
+        if entries[0].pubkey != pubkey:
+            raise Refusal(403, "forbidden", "pubkey is not the key that owns this tunnel address")
+        return tuple(sorted({ReportedLan.from_entry(e) for e in entries}, key=ReportedLan.sort_key))
+
+    def build_registration(peer: HubPeer, lans: tuple[ReportedLan, ...]) -> Registration:
         assert peer.public_ip is not None
         return Registration(
             pubkey=peer.public_key,
             tunnel_ips=peer.tunnel_ips,
             public_ip=peer.public_ip,
-            lans=tuple(
-                sorted({ReportedLan.from_entry(e) for e in entries}, key=ReportedLan.sort_key)
-            ),
+            lans=lans,
             expires_at=core.clock() + config.ttl,
         )
 
@@ -438,12 +455,11 @@ def create_app(
             while True:
                 # Take the event first: a change after this point sets it.
                 event = core.registry.change_event(pubkey)
-                current = core.registry.answer_for(pubkey, core.clock())
-                etag = etag_of(current, registered=core.registry.get(pubkey) is not None)
+                body, etag = core.registry.answer(pubkey, core.clock())
                 if etag not in held:
                     request.state.outcome = "ok"
                     return Response(
-                        answer_bytes(current),
+                        body,
                         media_type="application/json",
                         headers={"ETag": etag, "Cache-Control": "no-store"},
                     )
@@ -475,8 +491,7 @@ def create_app(
             peer = await identify(request)
         except Refusal as refusal:
             return refused(request, refusal)
-        core.left_at[peer.public_key] = monotonic()
-        core.registry.remove(peer.public_key, "left")
+        await core.leave(peer.public_key)
         request.state.outcome = "left"
         return Response(status_code=204)
 

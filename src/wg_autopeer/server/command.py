@@ -92,7 +92,9 @@ def interface_addresses(interface: str) -> list[ListenAddress]:
 
 def open_socket(listen: ListenAddress) -> socket.socket:
     family = socket.AF_INET6 if listen.host.version == 6 else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on accepted sockets
+    # it can tell are TCP (the protocol sets it too; see server.http).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:

@@ -1,20 +1,23 @@
 """The server's core behind the HTTP face: registry, hub view, metrics, background work.
 
-``Coordinator`` keeps the registry true to the hub: every refresh of the hub
-view drops registrations whose client roamed, went stale or left the hub, and a
-sweep drops those whose TTL ran out. ``app.py`` turns HTTP into calls on it.
+``Coordinator`` keeps the registry true to the hub: every read of the hub judges the
+registered clients whose peer changed or left (roamed, tunnel addresses changed, gone),
+and deadline heaps drop those whose handshake went stale or whose TTL ran out: the
+background round costs O(changes + due deadlines), never O(clients). ``app.py`` turns
+HTTP into calls on it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
-from wg_autopeer.errors import WireGuardError
 from wg_autopeer.server.config import ServerConfig
-from wg_autopeer.server.identity import HubPeer, HubSnapshot, HubView
+from wg_autopeer.server.hubread import DeviceReader, HubDelta
+from wg_autopeer.server.identity import HubPeer, HubView
 from wg_autopeer.server.matching import Registration
 from wg_autopeer.server.metrics import ServerMetrics
 from wg_autopeer.server.registry import Dropped, Registry
@@ -38,6 +41,7 @@ class Coordinator:
         store: RegistrationStore | None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        reader: DeviceReader | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -47,19 +51,30 @@ class Coordinator:
         # When each key last left (DELETE), monotonic: a report that arrived before
         # its client's leave but finished after it must not register that client again.
         self.left_at: dict[str, float] = {}
+        # The body each registered client last reported: the same bytes again (an agent's
+        # periodic report) reuse its registration's parsed LANs, skipping JSON, pydantic
+        # and address parsing. Dropped with the registration.
+        self.report_bodies: dict[str, bytes] = {}
         self.registry = Registry(config.policy, store)
+        # Handshake deadlines of registered clients: (latest handshake + max age, key), at
+        # most one entry per key; a newer handshake just moves the key on when it comes due.
+        self._handshakes: list[tuple[float, str]] = []
+        self._handshake_queued: set[str] = set()
         self.hub = HubView(
             control,
             config.interface,
+            reader=reader,
             min_refresh_gap=config.unknown_source_refresh_gap,
             monotonic=monotonic,
-            on_refresh=self._on_hub_refresh,
+            on_change=self._on_hub_change,
         )
         self.metrics = ServerMetrics(
             clients=lambda: self.registry.client_count,
             groups=lambda: self.registry.group_count,
         )
         loaded = self.registry.load()
+        for pubkey in list(self.registry.pubkeys):
+            self._queue_handshake(pubkey, None)
         if loaded:
             log.info("reloaded %d registrations; each is checked at the first hub read", loaded)
 
@@ -81,25 +96,78 @@ class Coordinator:
 
     def _count(self, dropped: list[Dropped]) -> None:
         for item in dropped:
+            self.report_bodies.pop(item.pubkey, None)
             self.metrics.dropped.labels(reason=item.reason).inc()
 
-    def _on_hub_refresh(self, snapshot: HubSnapshot) -> None:
-        self._count(self.registry.reconcile(self._verdict))
+    async def register(self, registration: Registration) -> bool:
+        """Register or refresh a client (``Registry.put``) and watch its handshake; returns
+        once a change of content is in the store, so an answered registration is kept."""
+        changed = self.registry.put(registration, self.clock())
+        peer = self.hub.snapshot.peers.get(registration.pubkey)
+        self._queue_handshake(registration.pubkey, peer)
+        if changed:
+            await self.registry.durable()
+        return changed
+
+    async def leave(self, pubkey: str) -> None:
+        """Drop a client at its request; returns once that is in the store."""
+        self.left_at[pubkey] = self.monotonic()
+        self.report_bodies.pop(pubkey, None)
+        self.registry.remove(pubkey, "left")
+        await self.registry.durable()
+
+    def _queue_handshake(self, pubkey: str, peer: HubPeer | None) -> None:
+        if pubkey in self._handshake_queued:
+            return
+        self._handshake_queued.add(pubkey)
+        # No handshake known yet (a reloaded registration): judged at the first read.
+        seen = peer.latest_handshake if peer is not None else None
+        due = (seen if seen is not None else self.clock()) + self.config.handshake_max_age
+        heapq.heappush(self._handshakes, (due, pubkey))
+
+    def _judge(self, pubkeys: Iterable[str]) -> None:
+        self._count(self.registry.judge(pubkeys, self._verdict))
+
+    def _on_hub_change(self, delta: HubDelta) -> None:
+        if delta.full:
+            self._judge(list(self.registry.pubkeys))
+        else:
+            self._judge([*delta.changed, *delta.removed])
+        # Every read also settles the handshakes gone stale by now, as a full check of every
+        # registration would: a report that made the read must not see a stale neighbour.
+        self._stale_handshakes(self.clock())
 
     async def tick(self) -> None:
-        """One round of background work: re-read the hub, then expire old registrations."""
-        try:
-            await self.hub.refresh()
-        except WireGuardError as exc:
-            log.warning("reading hub interface %s failed: %s", self.config.interface, exc)
+        """One round of background work: a read of the hub (judging the clients whose peer
+        changed), then the deadlines that are due."""
+        await self.hub.refresh_since(self.monotonic())
         self.sweep()
 
     def sweep(self) -> None:
-        self._count(self.registry.sweep(self.clock()))
+        """Drop what is due: expired registrations and stale handshakes."""
+        now = self.clock()
+        self._count(self.registry.sweep(now))
+        self._stale_handshakes(now)
+        self.registry.flush_due()
         # A report is over long before this: reads of the hub are its only waits.
         horizon = self.monotonic() - LEFT_MEMORY_S
         for key in [k for k, t in self.left_at.items() if t < horizon]:
             del self.left_at[key]
+
+    def _stale_handshakes(self, now: float) -> None:
+        """Judge the registered clients whose handshake deadline has come."""
+        heap = self._handshakes
+        due = []
+        while heap and heap[0][0] <= now:
+            _, pubkey = heapq.heappop(heap)
+            self._handshake_queued.discard(pubkey)
+            if self.registry.get(pubkey) is not None:
+                due.append(pubkey)
+        self._judge(due)
+        for pubkey in due:
+            if self.registry.get(pubkey) is not None:
+                # Fresh after all (a newer handshake): watch its new deadline.
+                self._queue_handshake(pubkey, self.hub.snapshot.peers.get(pubkey))
 
     def left_since(self, pubkey: str, moment: float) -> bool:
         """True when ``pubkey`` left (DELETE) at or after ``moment`` (monotonic)."""

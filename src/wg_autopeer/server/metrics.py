@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# How often the loop-lag probe wakes up.
+LAG_PROBE_INTERVAL_S = 0.25
 
 
 class ServerMetrics:
@@ -52,6 +55,21 @@ class ServerMetrics:
             ["reason"],
             registry=self.registry,
         )
+
+        self.loop_lag = Histogram(
+            "wg_autopeer_event_loop_lag_seconds",
+            "How late the event loop ran a timer: time every request waited behind other work",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+            registry=self.registry,
+        )
+
+    async def probe_loop_lag(self, interval: float = LAG_PROBE_INTERVAL_S) -> None:
+        """Until cancelled: sleep ``interval``, record how much later than asked it woke."""
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + interval
+            await asyncio.sleep(interval)
+            self.loop_lag.observe(max(0.0, loop.time() - due))
 
     def observe(self, outcome: str, seconds: float) -> None:
         self.requests.labels(outcome=outcome).inc()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import heapq
 import json
 import logging
 from collections.abc import Callable, Iterable
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 from wg_autopeer.protocol import PeeringAnswer
 from wg_autopeer.server.matching import GroupKey, Policy, Registration, neighbours
-from wg_autopeer.server.store import RegistrationStore, StoreError
+from wg_autopeer.server.store import GroupCommit, RegistrationStore
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,19 @@ class Registry:
     def __init__(self, policy: Policy, store: RegistrationStore | None = None) -> None:
         self.policy = policy
         self._store = store
+        self._writes = None if store is None else GroupCommit(store)
         self._regs: dict[str, Registration] = {}
         self._index: dict[GroupKey, set[str]] = {}
         self._waiters: dict[str, asyncio.Event] = {}
+        # Each client's last answer (body, ETag) and until when it holds (the earliest
+        # expiry among the requester and the neighbours it names). Dropped with every
+        # wake-up of that client, i.e. at every change that may alter its answer.
+        self._answers: dict[str, tuple[bytes, str, float]] = {}
+        # Expiry deadlines: (expires_at, key), at most one entry per key. An entry may be
+        # older than its registration's current expiry (refreshes do not touch the heap);
+        # the sweep then queues the key again at its current expiry.
+        self._expiry: list[tuple[float, str]] = []
+        self._expiry_queued: set[str] = set()
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -78,6 +89,25 @@ class Registry:
         if requester is None:
             return PeeringAnswer(peers=[])
         return PeeringAnswer(peers=neighbours(requester, self._index, self._regs, self.policy, now))
+
+    def answer(self, pubkey: str, now: float) -> tuple[bytes, str]:
+        """The body and ETag of ``answer_for(pubkey, now)``, computed once per change."""
+        cached = self._answers.get(pubkey)
+        if cached is not None and now < cached[2]:
+            return cached[0], cached[1]
+        requester = self._regs.get(pubkey)
+        current = self.answer_for(pubkey, now)
+        body = answer_bytes(current)
+        etag = etag_of(current, registered=requester is not None)
+        if requester is not None and requester.expires_at > now:
+            valid = min(
+                [
+                    requester.expires_at,
+                    *(self._regs[offer.pubkey].expires_at for offer in current.peers),
+                ]
+            )
+            self._answers[pubkey] = (body, etag, valid)
+        return body, etag
 
     def change_event(self, pubkey: str) -> asyncio.Event:
         """An event set at the next change that may alter the answer of ``pubkey``.
@@ -101,19 +131,45 @@ class Registry:
             self._insert(registration)
         return len(loaded)
 
-    def put(self, registration: Registration) -> bool:
-        """Register or refresh a client; True when its neighbours' answers may have changed."""
+    def put(self, registration: Registration, now: float | None = None) -> bool:
+        """Register or refresh a client; True when its neighbours' answers may have changed.
+
+        An unchanged report only pushes the expiry back: no re-indexing, no wake-up, and
+        its store write waits for a later batch (``GroupCommit``). One that comes back
+        after its expiry (``now``), before the sweep dropped it, counts as a change: its
+        neighbours' answers left it out meanwhile.
+        """
         old = self._regs.get(registration.pubkey)
-        changed = not registration.same_content(old)
+        alive = old is not None and (now is None or old.expires_at > now)
+        if old is not None and alive and registration.same_content(old):
+            self._regs[registration.pubkey] = registration
+            if self._writes is not None:
+                self._writes.refresh(registration)
+            return False
         touched: set[GroupKey] = set()
         if old is not None:
             touched |= self._remove_from_index(old)
         self._insert(registration)
         touched |= registration.group_keys()
-        self._persist(registration)
-        if changed:
-            self._wake(touched, registration.pubkey)
-        return changed
+        if self._writes is not None:
+            self._writes.put(registration)
+        self._wake(touched, registration.pubkey)
+        return True
+
+    async def durable(self) -> None:
+        """Return once every change of content so far is in the store."""
+        if self._writes is not None:
+            await self._writes.durable()
+
+    def flush_due(self) -> None:
+        """Write queued expiry refreshes and drops if their batch is due (the timer)."""
+        if self._writes is not None:
+            self._writes.flush_due()
+
+    def flush(self) -> None:
+        """Write everything queued now (shutdown)."""
+        if self._writes is not None:
+            self._writes.flush()
 
     def remove(self, pubkey: str, reason: str) -> Dropped | None:
         """Drop a client at once and wake its former neighbours."""
@@ -121,31 +177,65 @@ class Registry:
         if old is None:
             return None
         touched = self._remove_from_index(old)
-        self._unpersist(pubkey)
+        if self._writes is not None:
+            self._writes.delete(pubkey)
         self._wake(touched, pubkey)
         log.info("dropped key=%s reason=%s", pubkey[:8], reason)
         return Dropped(pubkey, reason)
 
     def sweep(self, now: float) -> list[Dropped]:
-        """Drop every registration whose TTL ran out."""
-        expired = [pk for pk, reg in self._regs.items() if reg.expires_at <= now]
-        return [d for pk in expired if (d := self.remove(pk, "expired")) is not None]
+        """Drop every registration whose TTL ran out; O(due deadlines), not O(clients)."""
+        dropped = []
+        heap = self._expiry
+        while heap and heap[0][0] <= now:
+            _, pubkey = heapq.heappop(heap)
+            self._expiry_queued.discard(pubkey)
+            registration = self._regs.get(pubkey)
+            if registration is None:
+                continue
+            if registration.expires_at <= now:
+                if (d := self.remove(pubkey, "expired")) is not None:
+                    dropped.append(d)
+            else:
+                self._queue_expiry(registration)
+        return dropped
+
+    def judge(
+        self, pubkeys: Iterable[str], verdict: Callable[[Registration], str | None]
+    ) -> list[Dropped]:
+        """Drop each registered one of ``pubkeys`` for which ``verdict`` names a reason."""
+        doomed = [
+            (pk, reason)
+            for pk in pubkeys
+            if (reg := self._regs.get(pk)) is not None and (reason := verdict(reg)) is not None
+        ]
+        return [d for pk, reason in doomed if (d := self.remove(pk, reason)) is not None]
 
     def reconcile(self, verdict: Callable[[Registration], str | None]) -> list[Dropped]:
         """Drop every registration for which ``verdict`` names a reason (roamed, stale...)."""
-        doomed = [(pk, r) for pk, reg in self._regs.items() if (r := verdict(reg)) is not None]
-        return [d for pk, reason in doomed if (d := self.remove(pk, reason)) is not None]
+        return self.judge(list(self._regs), verdict)
+
+    @property
+    def pubkeys(self) -> Iterable[str]:
+        return self._regs.keys()
 
     def wake_all(self) -> None:
         """Wake every waiter (shutdown: let blocking queries answer now)."""
+        self._answers.clear()
         waiters, self._waiters = self._waiters, {}
         for event in waiters.values():
             event.set()
 
     # -- internals -------------------------------------------------------------------------
 
+    def _queue_expiry(self, registration: Registration) -> None:
+        if registration.pubkey not in self._expiry_queued:
+            self._expiry_queued.add(registration.pubkey)
+            heapq.heappush(self._expiry, (registration.expires_at, registration.pubkey))
+
     def _insert(self, registration: Registration) -> None:
         self._regs[registration.pubkey] = registration
+        self._queue_expiry(registration)
         for key in registration.group_keys():
             self._index.setdefault(key, set()).add(registration.pubkey)
 
@@ -168,24 +258,7 @@ class Registry:
                 self._wake_key(pubkey)
 
     def _wake_key(self, pubkey: str) -> None:
+        self._answers.pop(pubkey, None)
         event = self._waiters.pop(pubkey, None)
         if event is not None:
             event.set()
-
-    def _persist(self, registration: Registration) -> None:
-        if self._store is None:
-            return
-        try:
-            self._store.put(registration)
-        except StoreError as exc:
-            # The registry keeps serving; only a restart would lose this client until it
-            # reports again.
-            log.error("store write failed for key=%s: %s", registration.pubkey[:8], exc)
-
-    def _unpersist(self, pubkey: str) -> None:
-        if self._store is None:
-            return
-        try:
-            self._store.delete(pubkey)
-        except StoreError as exc:
-            log.error("store delete failed for key=%s: %s", pubkey[:8], exc)

@@ -1,18 +1,24 @@
-"""Where registrations survive a restart: a small interface and its SQLite backend.
+"""Where registrations survive a restart: a small interface, its SQLite backend, and the
+group commit in front of it.
 
-The registry stays the source of truth while running; the store is written
-through on every change so a restarted server answers its first request
-correctly. Reloaded registrations are still subject to their TTL and to the
-hub's current view of each client.
+The registry stays the source of truth while running. ``GroupCommit`` writes what
+changed in batches, one transaction each: a change of content is written before the
+request that made it is answered, while an unchanged report, which only pushes its
+expiry back, is written with a later batch (see ``GroupCommit`` for what a crash can
+lose). Reloaded registrations are still subject to their TTL and to the hub's current
+view of each client.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
 import json
 import logging
 import os
 import sqlite3
+import time
+from collections.abc import Callable, Iterable
 from ipaddress import IPv4Address, IPv6Network, ip_address, ip_network
 from pathlib import Path
 
@@ -22,6 +28,8 @@ from wg_autopeer.server.matching import PublicIdentity, Registration, ReportedLa
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+# Expiry refreshes of unchanged reports are written at most this often.
+REFRESH_WRITE_S = 10.0
 
 
 class StoreError(WgAutopeerError):
@@ -42,6 +50,14 @@ class RegistrationStore(abc.ABC):
     @abc.abstractmethod
     def delete(self, pubkey: str) -> None:
         """Forget ``pubkey``; forgetting an unknown key is not an error."""
+
+    def write_batch(self, puts: Iterable[Registration], deletes: Iterable[str]) -> None:
+        """Insert or replace ``puts`` and forget ``deletes``; a backend makes it one
+        transaction where it can."""
+        for registration in puts:
+            self.put(registration)
+        for pubkey in deletes:
+            self.delete(pubkey)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the backend's resources."""
@@ -167,5 +183,120 @@ class SqliteStore(RegistrationStore):
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: {exc}") from exc
 
+    def write_batch(self, puts: Iterable[Registration], deletes: Iterable[str]) -> None:
+        rows = [(r.pubkey, encode(r), r.expires_at) for r in puts]
+        gone = [(pubkey,) for pubkey in deletes]
+        try:
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO registrations (pubkey, body, expires_at)"
+                    " VALUES (?, ?, ?)",
+                    rows,
+                )
+                self._db.executemany("DELETE FROM registrations WHERE pubkey = ?", gone)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: {exc}") from exc
+
     def close(self) -> None:
         self._db.close()
+
+
+class GroupCommit:
+    """Batches the registry's writes to a store: one transaction for many changes.
+
+    What a crash of the server can lose, and what it cannot:
+
+    * a new registration, a change of LANs or addresses, and a leave are written
+      before the request that made them is answered (``durable``): an answered
+      registration is never lost. Requests changing content at the same moment share
+      one transaction.
+    * an unchanged report only pushes its expiry back, in memory; those refreshes are
+      written at most every ``refresh_every`` seconds. A crash loses at most that last
+      batch: after a restart such a client may expire up to that much earlier than it
+      would have, until its next report (agents report well within the TTL).
+    * drops decided by the server (TTL, roaming, stale handshake) are written with the
+      next batch; one lost in a crash comes back at reload, where the TTL and the first
+      read of the hub judge it again.
+
+    SQLite runs in WAL mode with ``synchronous=NORMAL``: "written" survives a crash of
+    the process, while a power loss may still take the latest transactions.
+    """
+
+    def __init__(
+        self,
+        store: RegistrationStore,
+        *,
+        refresh_every: float = REFRESH_WRITE_S,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.refresh_every = refresh_every
+        self._monotonic = monotonic
+        # Content changes by key (None: delete), written before their request is answered.
+        self._content: dict[str, Registration | None] = {}
+        # Expiry refreshes by key, written lazily.
+        self._refreshes: dict[str, Registration] = {}
+        self._written_at = monotonic()
+        self._commit: asyncio.Future[None] | None = None
+        # Transactions written, for tests and metrics.
+        self.batches = 0
+
+    def put(self, registration: Registration) -> None:
+        self._refreshes.pop(registration.pubkey, None)
+        self._content[registration.pubkey] = registration
+
+    def refresh(self, registration: Registration) -> None:
+        if registration.pubkey in self._content:
+            self._content[registration.pubkey] = registration
+        else:
+            self._refreshes[registration.pubkey] = registration
+
+    def delete(self, pubkey: str) -> None:
+        self._refreshes.pop(pubkey, None)
+        self._content[pubkey] = None
+
+    async def durable(self) -> None:
+        """Return once every content change queued so far is written."""
+        if not self._content:
+            return
+        loop = asyncio.get_running_loop()
+        if self._commit is not None and self._commit.get_loop() is not loop:
+            # Left pending by an event loop that stopped (tests run several): write it now.
+            self._write_shared()
+        if self._commit is None:
+            self._commit = loop.create_future()
+            # The next turn of the loop: changes queued by other requests meanwhile join.
+            loop.call_soon(self._write_shared)
+        # Shielded: a request giving up must not fail the batch for the others.
+        await asyncio.shield(self._commit)
+
+    def _write_shared(self) -> None:
+        commit, self._commit = self._commit, None
+        self.flush()
+        if commit is not None and not commit.done():
+            commit.set_result(None)
+
+    def flush_due(self) -> None:
+        """Write what is queued if the last batch is ``refresh_every`` old (the timer)."""
+        if (self._content or self._refreshes) and (
+            self._monotonic() - self._written_at >= self.refresh_every
+        ):
+            self.flush()
+
+    def flush(self) -> None:
+        """Write everything queued now, in one transaction."""
+        self._written_at = self._monotonic()
+        if not self._content and not self._refreshes:
+            return
+        content, self._content = self._content, {}
+        refreshes, self._refreshes = self._refreshes, {}
+        puts = [*refreshes.values(), *(r for r in content.values() if r is not None)]
+        deletes = [pubkey for pubkey, r in content.items() if r is None]
+        self.batches += 1
+        try:
+            self.store.write_batch(puts, deletes)
+        except StoreError as exc:
+            # The registry keeps serving; only a restart would lose these clients until
+            # they report again.
+            log.error("store write of %d changes failed: %s", len(puts) + len(deletes), exc)

@@ -3,12 +3,17 @@
 ``open_control()`` is the entry point: it returns an ``AutoControl`` that picks,
 per interface, the userspace UAPI backend when a socket for that name exists and
 its link is in this network namespace, and kernel netlink otherwise.
+
+Importing this package loads no backend: the data types come from ``base`` (a leaf
+module), and the netlink backend (pyroute2) is imported on first use, through
+``open_control`` or the module ``__getattr__`` below (PEP 562).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from wg_autopeer.errors import NoSuchInterface
 from wg_autopeer.wireguard.base import (
@@ -22,7 +27,6 @@ from wg_autopeer.wireguard.base import (
     is_valid_key,
 )
 from wg_autopeer.wireguard.fake import FakeWireGuard
-from wg_autopeer.wireguard.netlink import NetlinkControl
 from wg_autopeer.wireguard.uapi import (
     DEFAULT_SOCKET_DIR,
     UapiControl,
@@ -30,6 +34,9 @@ from wg_autopeer.wireguard.uapi import (
     link_exists,
     public_key_of,
 )
+
+if TYPE_CHECKING:
+    from wg_autopeer.wireguard.netlink import NetlinkControl
 
 __all__ = [
     "DEFAULT_SOCKET_DIR",
@@ -49,6 +56,15 @@ __all__ = [
     "open_control",
     "public_key_of",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # pyroute2 costs tens of MiB and a few hundred ms: loaded only by who uses it.
+    if name == "NetlinkControl":
+        from wg_autopeer.wireguard.netlink import NetlinkControl
+
+        return NetlinkControl
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def is_wireguard_link(
@@ -120,4 +136,6 @@ def open_control(socket_dir: Path | str = DEFAULT_SOCKET_DIR) -> AutoControl:
 
     Sockets are opened lazily, in the network namespace of the first call.
     """
+    from wg_autopeer.wireguard.netlink import NetlinkControl
+
     return AutoControl(UapiControl(socket_dir), NetlinkControl())

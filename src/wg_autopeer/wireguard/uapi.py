@@ -27,9 +27,6 @@ from dataclasses import dataclass, field
 from ipaddress import ip_address, ip_network
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
 from wg_autopeer.errors import (
     DeviceRefused,
     NoSuchInterface,
@@ -287,6 +284,10 @@ def parse_device(
 
 def public_key_of(private_key: str) -> str:
     """The base64 public key of a base64 private key (X25519, as WireGuard clamps it)."""
+    # Imported here: only a read with the private key needs it, not every importer.
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
     raw = X25519PrivateKey.from_private_bytes(base64.b64decode(private_key))
     public = raw.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
     return base64.b64encode(public).decode("ascii")
