@@ -43,3 +43,15 @@ def test_server_help_loads_no_lab() -> None:
         "try:\n    main(['server', '--help'])\nexcept SystemExit:\n    pass"
     )
     assert "wg_autopeer.lab" not in loaded_after(code)
+
+
+def test_the_server_imports_nothing_of_the_agent() -> None:
+    # The halves share protocol, wireguard, sdnotify and friends, never each other.
+    probe = (
+        "import sys, wg_autopeer.server.command, wg_autopeer.server.app\n"
+        "print(sorted(m for m in sys.modules if m.startswith('wg_autopeer.agent')))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "[]"

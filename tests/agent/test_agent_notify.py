@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from agent_keys import key
 
-from wg_autopeer.agent import notify
+from wg_autopeer import sdnotify
 from wg_autopeer.agent.config import AgentConfig
 from wg_autopeer.agent.daemon import Agent
 from wg_autopeer.netview.base import NetView
@@ -38,7 +38,7 @@ def listener(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
 
 
 def test_without_notify_socket_nothing_is_sent_and_nothing_fails() -> None:
-    assert notify.notify("READY=1", env={}) is False
+    assert sdnotify.notify("READY=1", env={}) is False
 
 
 def test_ready_sends_ready_and_status_to_the_notify_socket(
@@ -46,9 +46,9 @@ def test_ready_sends_ready_and_status_to_the_notify_socket(
 ) -> None:
     sock, path = listener
     monkeypatch.setenv("NOTIFY_SOCKET", path)
-    assert notify.ready("first sync done") is True
+    assert sdnotify.ready("first sync done") is True
     assert sock.recv(4096) == b"READY=1\nSTATUS=first sync done"
-    assert notify.stopping() is True
+    assert sdnotify.stopping() is True
     assert sock.recv(4096) == b"STOPPING=1"
 
 
@@ -57,7 +57,7 @@ def test_abstract_notify_socket_is_reached_by_its_at_name() -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind("\0" + name)
         sock.settimeout(5)
-        assert notify.notify("READY=1", env={"NOTIFY_SOCKET": "@" + name}) is True
+        assert sdnotify.notify("READY=1", env={"NOTIFY_SOCKET": "@" + name}) is True
         assert sock.recv(64) == b"READY=1"
 
 
@@ -65,7 +65,7 @@ def test_gone_service_manager_is_logged_not_raised(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.WARNING):
-        sent = notify.notify("READY=1", env={"NOTIFY_SOCKET": str(tmp_path / "gone.sock")})
+        sent = sdnotify.notify("READY=1", env={"NOTIFY_SOCKET": str(tmp_path / "gone.sock")})
     assert sent is False
     assert "could not notify the service manager" in caplog.text
 
@@ -77,7 +77,7 @@ async def test_ready_when_waits_for_the_event(
     monkeypatch.setenv("NOTIFY_SOCKET", path)
     sock.setblocking(False)
     event = asyncio.Event()
-    task = asyncio.create_task(notify.ready_when(event, "ok"))
+    task = asyncio.create_task(sdnotify.ready_when(event, "ok"))
     await asyncio.sleep(0)
     with pytest.raises(BlockingIOError):
         sock.recv(64)
@@ -134,7 +134,7 @@ async def test_first_sync_is_done_after_each_interface_had_its_first_cycle(
 
 
 def test_watchdog_period_is_systemds_when_meant_for_us() -> None:
-    from wg_autopeer.agent.notify import watchdog_period
+    from wg_autopeer.sdnotify import watchdog_period
 
     assert watchdog_period({"WATCHDOG_USEC": "30000000"}) == 30.0
     assert watchdog_period({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid())}) == 30.0

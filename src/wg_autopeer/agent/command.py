@@ -13,7 +13,8 @@ from ipaddress import ip_interface
 from pathlib import Path
 from typing import Any
 
-from wg_autopeer.agent import localapi, notify
+from wg_autopeer import sdnotify
+from wg_autopeer.agent import localapi
 from wg_autopeer.agent.config import DEFAULT_CONFIG, load_agent_config, overrides_from_args
 from wg_autopeer.agent.instance import InstanceLock, agent_dirs
 from wg_autopeer.errors import AlreadyRunning, ConfigError, NetViewError
@@ -92,7 +93,7 @@ async def _serve(config: Any) -> int:
     )
     await api.start()
     ready = asyncio.create_task(
-        notify.ready_when(agent.first_sync_done, "first sync done"), name="notify-ready"
+        sdnotify.ready_when(agent.first_sync_done, "first sync done"), name="notify-ready"
     )
     tray = None
     if config.tray:
@@ -108,7 +109,7 @@ async def _serve(config: Any) -> int:
             )
     finally:
         ready.cancel()
-        notify.stopping()
+        sdnotify.stopping()
         if tray is not None:
             tray.stop()
         await api.close()

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from wg_autopeer.agent import notify
+from wg_autopeer import sdnotify
 from wg_autopeer.agent.config import AgentConfig
 from wg_autopeer.agent.ledger import CachedLedgerStore
 from wg_autopeer.agent.localapi import STATUS_VERSION, as_jsonable
@@ -139,11 +139,11 @@ class Agent:
     async def _keep_watchdog_fed(self) -> None:
         """Tell systemd the loop is alive (WATCHDOG=1) at half its WatchdogSec; a loop
         stuck for longer gets the agent restarted. No-op outside systemd."""
-        period = notify.watchdog_period()
+        period = sdnotify.watchdog_period()
         if period is None:
             return
         while True:
-            notify.notify("WATCHDOG=1")
+            sdnotify.notify("WATCHDOG=1")
             await asyncio.sleep(period / 2)
 
     def resync(self, why: str) -> None:

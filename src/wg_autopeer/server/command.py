@@ -14,7 +14,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from wg_autopeer.agent import notify
+from wg_autopeer import sdnotify
 from wg_autopeer.errors import ConfigError, WgAutopeerError
 from wg_autopeer.server.config import (
     DEFAULT_CONFIG_PATH,
@@ -145,7 +145,7 @@ async def serve(config: ServerConfig, sockets: list[socket.socket], stop: StopSi
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets=sockets)
             if self.started:  # systemd's Type=notify: serving now
-                notify.ready(f"serving {config.interface}")
+                sdnotify.ready(f"serving {config.interface}")
 
     from wg_autopeer.server.app import create_app
     from wg_autopeer.server.http import uvicorn_config
