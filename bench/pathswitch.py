@@ -153,19 +153,11 @@ def run(options: Options) -> PartResult:
         lost = Distribution.of([float(r.lost) for r in results])
         outage = Distribution.of([r.longest_outage for r in results])
         timed = [r.to_direct for r in results if r.to_direct is not None]
-        if kind == "join" and "seed" in name:
-            # The seed routes before we know its key; WireGuard retries its first,
-            # dropped handshake after 5 s: one retry is the bound.
-            part.rows.append(
-                Row(PART, f"{name}: longest outage", outage.brief(), "one handshake retry (<= 6 s)",
-                    outage.maximum <= 6.0)
-            )  # fmt: skip
-        elif kind == "join":
+        if kind == "join":
             part.rows.append(
                 Row(PART, f"{name}: lost probes", lost.brief("probes", digits=0), "a few (<= 5)",
                     lost.maximum <= 5)
             )  # fmt: skip
-        if kind == "join":
             part.rows.append(
                 Row(PART, f"{name}: agent start to both direct", Distribution.of(timed).brief()
                     + (f", {trials - len(timed)} never" if len(timed) < trials else ""))

@@ -402,6 +402,7 @@ def create_app(
             return refused(request, refusal)
         await core.register(registration)
         core.report_bodies[peer.public_key] = body
+        await core.hold_for_neighbours(registration)
         return await answer(request, peer.public_key)
 
     async def fresh_peer(request: Request, peer: HubPeer, arrived: float) -> HubPeer:
@@ -458,6 +459,7 @@ def create_app(
                 body, etag = core.registry.answer(pubkey, core.clock())
                 if etag not in held:
                     request.state.outcome = "ok"
+                    await core.answered(pubkey)
                     return Response(
                         body,
                         media_type="application/json",

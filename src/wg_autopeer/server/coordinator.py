@@ -10,6 +10,7 @@ HTTP into calls on it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import logging
 import time
@@ -28,6 +29,10 @@ log = logging.getLogger(__name__)
 
 # How long a leave is remembered, to refuse reports that were in flight when it came.
 LEFT_MEMORY_S = 60.0
+# How long a client that routes at once waits for its proving neighbours to hear of
+# it, and the margin they get to apply what they heard (see hold_for_neighbours).
+HOLD_MAX = 1.5
+APPLY_MARGIN = 0.25
 
 
 class Coordinator:
@@ -55,6 +60,11 @@ class Coordinator:
         # periodic report) reuse its registration's parsed LANs, skipping JSON, pydantic
         # and address parsing. Dropped with the registration.
         self.report_bodies: dict[str, bytes] = {}
+        # For the hold of clients that route at once (see hold_for_neighbours): when each
+        # client's registration last changed, and when each was last sent an answer.
+        self.changed_at: dict[str, float] = {}
+        self.answered_at: dict[str, float] = {}
+        self._answered = asyncio.Condition()
         self.registry = Registry(config.policy, store)
         # Handshake deadlines of registered clients: (latest handshake + max age, key), at
         # most one entry per key; a newer handshake just moves the key on when it comes due.
@@ -97,6 +107,8 @@ class Coordinator:
     def _count(self, dropped: list[Dropped]) -> None:
         for item in dropped:
             self.report_bodies.pop(item.pubkey, None)
+            self.changed_at.pop(item.pubkey, None)
+            self.answered_at.pop(item.pubkey, None)
             self.metrics.dropped.labels(reason=item.reason).inc()
 
     async def register(self, registration: Registration) -> bool:
@@ -106,13 +118,58 @@ class Coordinator:
         peer = self.hub.snapshot.peers.get(registration.pubkey)
         self._queue_handshake(registration.pubkey, peer)
         if changed:
+            self.changed_at[registration.pubkey] = self.monotonic()
             await self.registry.durable()
         return changed
+
+    async def answered(self, pubkey: str) -> None:
+        """Record that ``pubkey`` was just sent an answer (its current neighbours)."""
+        self.answered_at[pubkey] = self.monotonic()
+        async with self._answered:
+            self._answered.notify_all()
+
+    async def hold_for_neighbours(self, registration: Registration) -> None:
+        """Make before break for clients that route at once (the seed's agent reports no
+        listen port and puts every neighbour it is offered on its device with routes):
+        before such a client learns of a neighbour that proves paths first, give that
+        neighbour the time to hear of the client and add it as a passive peer. Else
+        the client's first handshake reaches a neighbour that does not know its key yet,
+        is dropped, and WireGuard tries again only 5 s later, all that time routing the
+        pair's traffic into the void. Waits at most ``HOLD_MAX``; a neighbour that polls
+        instead of holding a query cannot be waited for."""
+        if any(lan.listen_port is not None for lan in registration.lans):
+            return
+        changed = self.changed_at.get(registration.pubkey)
+        if changed is None:
+            return
+        offered = self.registry.answer_for(registration.pubkey, self.clock()).peers
+        proving = [
+            offer.pubkey
+            for offer in offered
+            if (other := self.registry.get(offer.pubkey)) is not None
+            and any(lan.listen_port is not None for lan in other.lans)
+        ]
+        if not proving:
+            return
+
+        def told() -> bool:
+            return all(self.answered_at.get(key, 0.0) >= changed for key in proving)
+
+        if told():
+            return
+        async with self._answered:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(HOLD_MAX):
+                    await self._answered.wait_for(told)
+        # The neighbour's agent applies its answer in milliseconds; leave it a margin.
+        await asyncio.sleep(APPLY_MARGIN)
 
     async def leave(self, pubkey: str) -> None:
         """Drop a client at its request; returns once that is in the store."""
         self.left_at[pubkey] = self.monotonic()
         self.report_bodies.pop(pubkey, None)
+        self.changed_at.pop(pubkey, None)
+        self.answered_at.pop(pubkey, None)
         self.registry.remove(pubkey, "left")
         await self.registry.durable()
 
