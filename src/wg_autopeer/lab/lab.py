@@ -859,7 +859,9 @@ class Lab:
         args = [
             "peer", self.public_key(hub.name),
             "allowed-ips", str(hub.tunnel.network),
-            "endpoint", f"{hub.wan.ip}:{hub.listen_port}",
+            "endpoint",
+            f"[{hub.wan6.ip}]:{hub.listen_port}" if client.hub_over_ipv6
+            else f"{hub.wan.ip}:{hub.listen_port}",
         ]  # fmt: skip
         if client.keepalive is not None:
             args += ["persistent-keepalive", str(client.keepalive)]
@@ -1103,7 +1105,12 @@ class Lab:
         ns = self.ns(hub.name)
         self._add_host(hub.name)
         self._plug(hub.name, f"{hub.name}-w", WAN_IF, WAN_BRIDGE)
-        self._ip(ns, f"addr add {hub.wan} dev {WAN_IF}", f"link set {WAN_IF} up")
+        self._ip(
+            ns,
+            f"addr add {hub.wan} dev {WAN_IF}",
+            f"addr add {hub.wan6} dev {WAN_IF} nodad",
+            f"link set {WAN_IF} up",
+        )
         if hub.rate_mbit is not None:
             # Egress of each veth end: hub -> WAN here, WAN -> hub on the switch side.
             self._tbf(ns, WAN_IF, hub.rate_mbit)
@@ -1130,6 +1137,18 @@ class Lab:
             f"addr add {lan.gateway} dev {ROUTER_LAN_IF}",
             f"link set {ROUTER_LAN_IF} up",
         )
+        if lan.wan6 is not None and lan.gateway6 is not None:
+            self._ip(
+                ns,
+                f"addr add {lan.wan6} dev {WAN_IF} nodad",
+                f"addr add {lan.gateway6} dev {ROUTER_LAN_IF} nodad",
+            )
+            self._sysctl(lan.router, "net.ipv6.conf.all.forwarding=1")
+            # The hub routes the LAN's /64 to its router, as an ISP would.
+            self._ip(
+                self.ns(self.topology.hub.name),
+                f"route add {lan.gateway6.network} via {lan.wan6.ip} dev {WAN_IF}",
+            )
         if lan.upstream is not None:
             # Behind another router: everything beyond its LAN goes through it.
             gateway = self.topology.lan(lan.upstream).gateway.ip
@@ -1160,6 +1179,12 @@ class Lab:
             f"route add default via {lan.gateway.ip} dev {CLIENT_LAN_IF}",
         )
         self._gateways[client.name] = lan.gateway.ip
+        if client.address6 is not None and lan.gateway6 is not None:
+            self._ip(
+                ns,
+                f"addr add {client.address6} dev {CLIENT_LAN_IF} nodad",
+                f"route add default via {lan.gateway6.ip} dev {CLIENT_LAN_IF}",
+            )
         if lan.isolated:
             self._isolate_port(client.name, True)
         self._start_wireguard(client.name, client.tunnel, client.listen_port)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Interface
 from typing import Any
 
 from wg_autopeer.errors import LabError
@@ -42,6 +42,8 @@ _BRIDGE_RE = re.compile(r"^[a-z][a-z0-9]*$")
 DEFAULT_WAN = IPv4Network("203.0.113.0/24")
 DEFAULT_HUB_WAN = IPv4Interface("203.0.113.1/24")
 DEFAULT_HUB_TUNNEL = IPv4Interface("10.99.0.1/24")
+# The WAN's IPv6 side; LANs with IPv6 get a routed /64 of their own (no NAT).
+DEFAULT_HUB_WAN6 = IPv6Interface("2001:db8::1/64")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class HubSpec:
     name: str = "hub"
     wan: IPv4Interface = DEFAULT_HUB_WAN
     tunnel: IPv4Interface = DEFAULT_HUB_TUNNEL
+    wan6: IPv6Interface = DEFAULT_HUB_WAN6
     listen_port: int = 51820
     # Rate limit of the hub's WAN link, each direction; None for no limit. It makes a
     # detour through the hub measurably slower than a direct LAN path.
@@ -75,6 +78,10 @@ class LanSpec:
     # The LAN this router's WAN side sits on, instead of the WAN: a home router
     # behind a carrier-grade NAT (whose own LAN is the ISP's 100.64.0.0/10 space).
     upstream: str | None = None
+    # IPv6: the router's address on the WAN's IPv6 side, and its LAN address, whose
+    # /64 it routes (no NAT: the hub sees each client's own address in that /64).
+    wan6: IPv6Interface | None = None
+    gateway6: IPv6Interface | None = None
 
     @property
     def network(self) -> IPv4Network:
@@ -90,6 +97,10 @@ class ClientSpec:
     address: IPv4Interface
     tunnel: IPv4Interface
     listen_port: int = 51820
+    # An IPv6 address in the LAN's /64 (the LAN needs ``gateway6``), and whether the
+    # client reaches the hub over IPv6.
+    address6: IPv6Interface | None = None
+    hub_over_ipv6: bool = False
     keepalive: int | None = 25
 
 
