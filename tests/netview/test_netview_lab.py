@@ -294,3 +294,29 @@ async def test_missing_namespace_is_a_netview_error_and_is_not_created() -> None
         await view.close()
     # flags=0 in the view: watching a namespace must never create it.
     assert not await asyncio.to_thread(Path("/run/netns/nvt-missing").exists)
+
+
+async def test_vpn_tun_and_container_bridge_default_routes_are_no_lan(lan: None) -> None:
+    # Another VPN (a tun device, OpenVPN-style) with a better default route, and a
+    # docker-style bridge with addresses and a route of its own: neither is a LAN.
+    ip("-n", CL, "tuntap", "add", "dev", "tun7", "mode", "tun")
+    ip("-n", CL, "addr", "add", "10.200.0.2/24", "dev", "tun7")
+    ip("-n", CL, "link", "set", "tun7", "up")
+    ip("-n", CL, "link", "add", "docker0", "type", "bridge")
+    ip("-n", CL, "addr", "add", "172.17.0.1/16", "dev", "docker0")
+    ip("-n", CL, "link", "set", "docker0", "up")
+    ip("-n", CL, "route", "add", "default", "via", "10.200.0.1", "dev", "tun7", "metric", "5")
+    ip("-n", CL, "route", "add", "default", "via", "172.17.0.254", "dev", "docker0", "metric", "7")
+    view = LinuxNetView(netns=CL)
+    try:
+        snap = await view.snapshot()
+    finally:
+        await view.close()
+    links = {link.name: link for link in snap.links}
+    # Judged by what netlink says of them (link type, kind, name), not by their carrier.
+    assert (links["tun7"].kind, links["tun7"].link_type) == ("tun", 0xFFFE)
+    assert not links["tun7"].lan_capable
+    assert not links["docker0"].lan_capable
+    assert links["eth0"].lan_capable
+    assert {r.ifname for r in snap.default_routes} >= {"eth0", "tun7", "docker0"}
+    assert [u.ifname for u in snap.lan_uplinks()] == ["eth0"]
