@@ -5,7 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 apt_packages=(wireguard-go wireguard-tools iproute2 nftables iputils-ping iperf3 curl procps
-              xvfb trayer systemd)
+              xvfb trayer systemd
+              # scripts/vm.sh: the kernel tests boot Debian's kernel under qemu
+              qemu-system-x86 busybox-static cpio)
 missing=()
 for pkg in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
