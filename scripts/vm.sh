@@ -165,7 +165,11 @@ for dir in /tmp /run /var/tmp; do
   mount -t tmpfs -o mode=1777 tmpfs "$r$dir"
 done
 mount -t cgroup2 cgroup2 $r/sys/fs/cgroup 2>/dev/null
-ln -s /proc/self/fd $r/dev/fd 2>/dev/null
+# What udev would add: tools read keys from /dev/stdin (wg set ... private-key /dev/stdin).
+ln -s /proc/self/fd $r/dev/fd
+ln -s /proc/self/fd/0 $r/dev/stdin
+ln -s /proc/self/fd/1 $r/dev/stdout
+ln -s /proc/self/fd/2 $r/dev/stderr
 chroot $r /bin/sh "$run/command" </dev/null
 echo $? >"$r$run/status"
 sync
