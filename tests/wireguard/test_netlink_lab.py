@@ -222,7 +222,7 @@ async def test_hundreds_of_peers_come_back_from_a_multi_message_dump(lab: Lab) -
     expected: dict[str, set[str]] = {wide: set(wide_ips)}
     for i in range(300):
         key = random_key()
-        ips = {f"10.{i // 200}.{i % 200}.1/32", f"2001:db8:{i:x}::/48"}
+        ips = {f"10.{i // 200}.{i % 200}.1/32", str(ip_network(f"2001:db8:{i:x}::/48"))}
         expected[key] = ips
         lines.append(
             f"[Peer]\nPublicKey = {key}\nAllowedIPs = {', '.join(sorted(ips))}\n"
