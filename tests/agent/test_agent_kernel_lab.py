@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.lab, pytest.mark.kernel]
 
 CLIENTS = ("alice", "bob", "carol")
 # Starting the server or an agent under emulation takes tens of seconds each, serially.
-STARTUP = 300.0
+STARTUP = 600.0
 
 
 def _kernel_lab(prefix: str) -> Topology:
