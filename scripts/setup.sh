@@ -9,7 +9,9 @@ apt_packages=(wireguard-go wireguard-tools iproute2 nftables iputils-ping iperf3
               # The StatusNotifierItem tray tests: real hosts (xfce4-panel's Status
               # Tray plugin with its settings daemon; waybar on headless sway, with grim
               # for screenshots), each its own StatusNotifierWatcher, on a private bus.
-              xfce4-panel xfconf dbus-daemon sway waybar grim)
+              xfce4-panel xfconf dbus-daemon sway waybar grim
+              # scripts/vm.sh: the kernel tests boot Debian's kernel under qemu
+              qemu-system-x86 busybox-static cpio)
 missing=()
 for pkg in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -2,6 +2,8 @@
 
 Tests that need root, namespaces and wireguard-go mark themselves ``@pytest.mark.lab``
 (or use ``requires_root`` / ``root_required()``); they are skipped with the reason here.
+Tests that need kernel WireGuard mark themselves ``@pytest.mark.kernel`` as well; without the
+module they are skipped too (scripts/test.sh runs them in a VM that has it).
 """
 
 from __future__ import annotations
@@ -12,7 +14,14 @@ from pathlib import Path
 import pytest
 
 from labkit import LabFactory, unique_prefix
-from wg_autopeer.lab import Lab, Topology, default_topology, lab_unavailable_reason, list_namespaces
+from wg_autopeer.lab import (
+    Lab,
+    Topology,
+    default_topology,
+    kernel_wireguard_unavailable_reason,
+    lab_unavailable_reason,
+    list_namespaces,
+)
 from wg_autopeer.lab.lab import read_state
 
 LAB_UNAVAILABLE = lab_unavailable_reason()
@@ -27,14 +36,21 @@ def root_required() -> None:
         pytest.skip(LAB_UNAVAILABLE)
 
 
+KERNEL_UNAVAILABLE = kernel_wireguard_unavailable_reason()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if LAB_UNAVAILABLE is None:
-        return
-    skip = pytest.mark.skip(reason=LAB_UNAVAILABLE)
+    skip_lab = pytest.mark.skip(reason=LAB_UNAVAILABLE or "")
+    skip_kernel = pytest.mark.skip(
+        reason=f"kernel test: {KERNEL_UNAVAILABLE}; run them in a VM with Debian's kernel:"
+        " bash scripts/vm.sh .venv/bin/pytest -m kernel"
+    )
     for item in items:
         # Not `"lab" in item.keywords`: that also matches every test under tests/lab/.
-        if item.get_closest_marker("lab") is not None:
-            item.add_marker(skip)
+        if LAB_UNAVAILABLE is not None and item.get_closest_marker("lab") is not None:
+            item.add_marker(skip_lab)
+        elif KERNEL_UNAVAILABLE is not None and item.get_closest_marker("kernel") is not None:
+            item.add_marker(skip_kernel)
 
 
 @pytest.fixture

@@ -100,6 +100,26 @@ class WgGoDevice:
 
 
 @dataclass
+class KernelDevice:
+    """A kernel WireGuard device (``ip link add ... type wireguard``); it goes with its netns."""
+
+    netns: str
+    ifname: str
+    private_key: str
+    public_key: str
+    listen_port: int
+
+    def wg(self, *args: str, stdin: str | None = None) -> str:
+        """Run ``wg`` against this device inside its namespace (the independent view)."""
+        return run("ip", "netns", "exec", self.netns, "wg", *args, stdin=stdin)
+
+    def dump(self) -> dict[str, list[str]]:
+        """``wg show dump`` peers by public key: [psk, endpoint, ips, handshake, rx, tx, ka]."""
+        lines = self.wg("show", self.ifname, "dump").splitlines()[1:]
+        return {cols[0]: cols[1:] for cols in (line.split("\t") for line in lines)}
+
+
+@dataclass
 class Lab:
     """Namespaces and wireguard-go processes of one test, all removed by ``cleanup``."""
 
@@ -143,6 +163,23 @@ class Lab:
             return device.socket.is_socket()
 
         wait_until(f"the UAPI socket of {ifname}", ready)
+        device.wg(
+            "set", ifname, "private-key", "/dev/stdin", "listen-port", str(listen_port),
+            stdin=private + "\n",
+        )  # fmt: skip
+        if address is not None:
+            run("ip", "-n", netns, "addr", "add", address, "dev", ifname)
+        run("ip", "-n", netns, "link", "set", ifname, "up")
+        return device
+
+    def kernel_wireguard(
+        self, netns: str, role: str, *, listen_port: int = 51820, address: str | None = None
+    ) -> KernelDevice:
+        """A kernel WireGuard device in ``netns`` with a fresh key, up, optionally addressed."""
+        ifname = self.ifname(role)
+        run("ip", "-n", netns, "link", "add", ifname, "type", "wireguard")
+        private, public = genkey()
+        device = KernelDevice(netns, ifname, private, public, listen_port)
         device.wg(
             "set", ifname, "private-key", "/dev/stdin", "listen-port", str(listen_port),
             stdin=private + "\n",

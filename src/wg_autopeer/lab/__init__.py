@@ -1,4 +1,5 @@
-"""Network-namespace labs with real userspace WireGuard, for tests, the demo and benchmarks."""
+"""Network-namespace labs with real WireGuard (wireguard-go or the kernel's), for tests, the demo
+and benchmarks."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from wg_autopeer.lab.lab import (
     Lab,
     LabStatus,
     ProcessRecord,
+    kernel_wireguard_unavailable_reason,
     lab_unavailable_reason,
     list_namespaces,
     wait_for,
@@ -23,6 +25,7 @@ __all__ = [
     "ProcessRecord",
     "Topology",
     "default_topology",
+    "kernel_wireguard_unavailable_reason",
     "lab_unavailable_reason",
     "list_namespaces",
     "wait_for",

@@ -1,4 +1,7 @@
-"""Build a ``Topology`` out of network namespaces with real userspace WireGuard, and tear it down.
+"""Build a ``Topology`` out of network namespaces with real WireGuard, and tear it down.
+
+Each hub or client runs wireguard-go (the default) or a kernel device, as its spec's
+``wireguard`` says; a kernel device lives and dies with its namespace.
 
 Everything the lab creates lives in namespaces named ``<prefix>-*``; bridges live in
 the switch namespace ``<prefix>-sw``, so nothing is created in the host's root
@@ -75,6 +78,23 @@ def lab_unavailable_reason() -> str | None:
     if not Path("/dev/net/tun").exists():
         return "needs root and network namespaces (no /dev/net/tun for wireguard-go)"
     return None
+
+
+def kernel_wireguard_unavailable_reason() -> str | None:
+    """Why this kernel cannot host WireGuard devices (no module, built in or loadable), or None.
+
+    Looked up in /sys and the module index rather than by loading it, so asking changes
+    nothing; scripts/vm.sh boots a kernel that has the module when this one lacks it.
+    """
+    if Path("/sys/module/wireguard").exists():
+        return None
+    release = os.uname().release
+    for index in ("modules.dep", "modules.builtin"):
+        path = Path("/lib/modules", release, index)
+        with contextlib.suppress(OSError):
+            if "/wireguard.ko" in path.read_text():
+                return None
+    return f"needs kernel WireGuard (kernel {release} has no wireguard module)"
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, interval: float = 0.05) -> bool:
@@ -495,6 +515,8 @@ class Lab:
         if self._started:
             raise LabError(f"lab {self.prefix} is already up")
         reason = lab_unavailable_reason()
+        if not reason and self.topology.uses_kernel_wireguard:
+            reason = kernel_wireguard_unavailable_reason()
         if reason:
             raise LabError(reason)
         leftovers = Lab.status(self.prefix, self.state_dir)
@@ -874,11 +896,20 @@ class Lab:
         since, by an agent or by hand, are gone with the old device.
 
         ``delete_link`` deletes the interface under the running wireguard-go (which then
-        exits by itself) instead of stopping wireguard-go with SIGTERM.
+        exits by itself) instead of stopping wireguard-go with SIGTERM; a kernel device
+        is always deleted and added again.
         """
         self._require_up()
         self._require_wg_host(host)
         iface = self.topology.wg_interface(host)
+        if self.topology.wireguard_kind(host) == "kernel":
+            # The kernel's device ends with its link: nothing runs for it.
+            self._ip(self.ns(host), f"link del dev {iface}", f"link add {iface} type wireguard")
+        else:
+            self._restart_wireguard_go(host, iface, delete_link=delete_link)
+        self._configure_restarted(host, iface)
+
+    def _restart_wireguard_go(self, host: str, iface: str, *, delete_link: bool) -> None:
         sock = UAPI_DIR / f"{iface}.sock"
         log_name = f"wireguard-go-{host}"
         old = [r for r in self._state.processes if r.name == f"{host}:{log_name}"]
@@ -915,6 +946,9 @@ class Lab:
 
         if not wait_for(ready, _WG_START_TIMEOUT):
             raise LabError(f"{iface}: no UAPI socket within {_WG_START_TIMEOUT:g} s")
+
+    def _configure_restarted(self, host: str, iface: str) -> None:
+        """The configuration the lab gave ``host``'s device in ``up``, on the new device."""
         hub = self.topology.hub
         spec = hub if host == hub.name else self.topology.client(host)
         self.run(
@@ -1231,6 +1265,22 @@ class Lab:
         # A further device on the host (add_tunnel) brings its own name and key name.
         iface = iface or self.topology.wg_interface(host)
         key_name = key_name or host
+        if self.topology.wireguard_kind(host) == "kernel":
+            self._generate_key(key_name)
+            self._state.interfaces.append(iface)
+            self._save()
+            self._ip(self.ns(host), f"link add {iface} type wireguard")
+        else:
+            self._start_wireguard_go(host, iface, key_name)
+        self.run(
+            host,
+            "wg", "set", iface,
+            "private-key", str(self._private_key_files[key_name]),
+            "listen-port", str(listen_port),
+        )  # fmt: skip
+        self._ip(self.ns(host), f"addr add {tunnel} dev {iface}", f"link set {iface} up")
+
+    def _start_wireguard_go(self, host: str, iface: str, key_name: str) -> None:
         sock = UAPI_DIR / f"{iface}.sock"
         if sock.exists():
             raise LabError(f"{iface}: UAPI socket {sock} already exists (another lab?)")
@@ -1255,13 +1305,6 @@ class Lab:
 
         if not wait_for(ready, _WG_START_TIMEOUT):
             raise LabError(f"{iface}: no UAPI socket within {_WG_START_TIMEOUT:g} s")
-        self.run(
-            host,
-            "wg", "set", iface,
-            "private-key", str(self._private_key_files[key_name]),
-            "listen-port", str(listen_port),
-        )  # fmt: skip
-        self._ip(self.ns(host), f"addr add {tunnel} dev {iface}", f"link set {iface} up")
 
     def _wait_handshakes(self, clients: Iterable[ClientSpec]) -> None:
         waiting = [c.name for c in clients if c.keepalive is not None]

@@ -26,11 +26,13 @@ def start_server(
     log_name: str = "server",
     interface: str | None = None,
     address: IPv4Address | None = None,
+    timeout: float = 15.0,
 ) -> subprocess.Popen[bytes]:
     """Start ``wg-autopeer server`` on the hub and wait until it answers /healthz.
 
     By default it serves the hub's first WireGuard device on its tunnel address;
     ``interface`` and ``address`` pick another device (e.g. one from ``add_tunnel``).
+    ``timeout`` bounds the wait (a slow machine, or an emulated one, needs longer).
     """
     hub = lab.topology.hub.name
     address = address or lab.tunnel_ip(hub)
@@ -63,7 +65,7 @@ def start_server(
         )  # fmt: skip
         return result.stdout.strip() == "200"
 
-    if not wait_for(healthy, timeout=15.0, interval=0.1):
+    if not wait_for(healthy, timeout=timeout, interval=0.1):
         raise RuntimeError(f"server did not become healthy: see {lab.log_path(log_name)}")
     return proc
 

@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Interface
-from typing import Any
+from typing import Any, Literal, get_args
 
 from wg_autopeer.errors import LabError
 
@@ -37,6 +37,11 @@ ROUTER_LAN_IF = "lan0"
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,7}$")
 _HOST_RE = re.compile(r"^[a-z][a-z0-9]*$")
 _BRIDGE_RE = re.compile(r"^[a-z][a-z0-9]*$")
+
+# Which WireGuard a host runs: wireguard-go with its UAPI socket, or a kernel device (needs
+# the wireguard module). The agent drives either; a lab mixes them per host.
+WireGuardKind = Literal["userspace", "kernel"]
+WIREGUARD_KINDS: tuple[str, ...] = get_args(WireGuardKind)
 
 # Addresses are immutable, so sharing them as dataclass defaults is safe.
 DEFAULT_WAN = IPv4Network("203.0.113.0/24")
@@ -58,6 +63,7 @@ class HubSpec:
     # Rate limit of the hub's WAN link, each direction; None for no limit. It makes a
     # detour through the hub measurably slower than a direct LAN path.
     rate_mbit: float | None = 20.0
+    wireguard: WireGuardKind = "userspace"
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,7 @@ class ClientSpec:
     address6: IPv6Interface | None = None
     hub_over_ipv6: bool = False
     keepalive: int | None = 25
+    wireguard: WireGuardKind = "userspace"
 
 
 @dataclass(frozen=True)
@@ -135,6 +142,14 @@ class Topology:
     def wg_hosts(self) -> tuple[str, ...]:
         """Hosts that run WireGuard: the hub and every client."""
         return (self.hub.name, *(c.name for c in self.clients))
+
+    def wireguard_kind(self, host: str) -> WireGuardKind:
+        """Whether the hub or client ``host`` runs wireguard-go or a kernel device."""
+        return self.hub.wireguard if host == self.hub.name else self.client(host).wireguard
+
+    @property
+    def uses_kernel_wireguard(self) -> bool:
+        return any(self.wireguard_kind(host) == "kernel" for host in self.wg_hosts())
 
     def namespaces(self) -> tuple[str, ...]:
         return (self.switch_ns, *(self.ns(h) for h in self.hosts()))
@@ -288,6 +303,12 @@ class Topology:
             (self.hub.name, self.hub.listen_port),
             *((c.name, c.listen_port) for c in self.clients),
         ]
+        for owner, kind in [
+            (self.hub.name, self.hub.wireguard),
+            *((c.name, c.wireguard) for c in self.clients),
+        ]:
+            if kind not in WIREGUARD_KINDS:
+                problems.append(f"{owner}: WireGuard {kind!r} is not one of {WIREGUARD_KINDS}")
         for owner, port in ports:
             if not 1 <= port <= 65535:
                 problems.append(f"{owner}: listen port {port} is out of range")
