@@ -148,14 +148,28 @@ def test_suppressed_peer_is_released_when_its_period_ends() -> None:
     assert s.suppressed() == frozenset()
 
 
-def test_healthy_peer_starts_back_off_from_base_again() -> None:
+def test_recently_healthy_pair_is_retried_soon_and_never_escalates() -> None:
     clock = Clock()
     s = Suppressions(clock=clock)
     s.record_failure(BOB)
     s.record_failure(BOB)
     s.record_healthy(BOB)
     assert s.failures(BOB) == 0
+    # A flapping link: it worked a moment ago, so every failure is retried in 10 s.
+    for _ in range(5):
+        assert s.record_failure(BOB) == 10
+        clock.now += 10
+    assert s.failures(BOB) == 0
+
+
+def test_a_pair_healthy_long_ago_starts_back_off_from_base_again() -> None:
+    clock = Clock()
+    s = Suppressions(clock=clock)
+    s.record_healthy(BOB)
+    clock.now += 601
     assert s.record_failure(BOB) == 30
+    clock.now += 30
+    assert s.record_failure(BOB) == 60
 
 
 def test_retain_forgets_long_expired_keys_only() -> None:

@@ -35,6 +35,11 @@ HANDSHAKE_TIMEOUT = 10.0
 STALE_AFTER = 180.0
 SUPPRESS_BASE = 30.0
 SUPPRESS_CAP = 600.0
+# A pair that carried traffic within RECENTLY_HEALTHY seconds is retried after
+# SUPPRESS_RECENT, without escalation: a Wi-Fi hiccup or a flapping link should
+# not keep a path that worked a minute ago on the hub for ten minutes.
+RECENTLY_HEALTHY = 600.0
+SUPPRESS_RECENT = 10.0
 # Each agent sends one small datagram per second through every active direct path.
 HEARTBEAT_INTERVAL = 1.0
 # How often paths are looked at: often while one is being proven, so that both
@@ -150,14 +155,17 @@ class RxWatch:
 class _Record:
     failures: int = 0
     until: float = 0.0
+    healthy_at: float | None = None
 
 
 class Suppressions:
     """Peers that failed and must not be re-added for a while.
 
-    The period doubles per consecutive failure, from ``base`` up to ``cap``;
-    ``record_healthy`` forgets the failures. ``clock`` is monotonic seconds by
-    default; tests inject their own.
+    The period doubles per consecutive failure, from ``base`` up to ``cap``:
+    a pair that never works (client isolation, a port-changing NAT) is retried ever
+    more rarely, and quietly. A pair that was healthy within ``RECENTLY_HEALTHY``
+    seconds is retried after ``SUPPRESS_RECENT`` instead. ``record_healthy`` forgets
+    the failures. ``clock`` is monotonic seconds by default; tests inject their own.
     """
 
     def __init__(
@@ -176,14 +184,22 @@ class Suppressions:
     def record_failure(self, public_key: str) -> float:
         """Suppress ``public_key``; returns for how many seconds."""
         record = self._records.setdefault(public_key, _Record())
-        period = min(self.cap, self.base * 2.0 ** min(record.failures, 32))
-        record.failures += 1
-        record.until = self._clock() + period
+        now = self._clock()
+        if record.healthy_at is not None and now - record.healthy_at < RECENTLY_HEALTHY:
+            period = min(self.base, SUPPRESS_RECENT)
+        else:
+            period = min(self.cap, self.base * 2.0 ** min(record.failures, 32))
+            record.failures += 1
+        record.until = now + period
         return period
 
     def record_healthy(self, public_key: str) -> None:
-        """The peer worked: its next failure starts from ``base`` again."""
-        self._records.pop(public_key, None)
+        """The peer works (now): its next failure is retried soon, and the one after
+        that, should it never work again, starts the back-off from ``base``."""
+        record = self._records.setdefault(public_key, _Record())
+        record.failures = 0
+        record.until = 0.0
+        record.healthy_at = self._clock()
 
     def is_suppressed(self, public_key: str) -> bool:
         record = self._records.get(public_key)
@@ -209,6 +225,13 @@ class Suppressions:
         suppression ended more than ``cap`` ago, so the table does not grow without
         bound while a peer that drops out of the offers for a moment keeps its count."""
         keep = set(public_keys)
-        horizon = self._clock() - self.cap
-        for key in [k for k, rec in self._records.items() if k not in keep and rec.until < horizon]:
+        now = self._clock()
+        gone = [
+            key
+            for key, rec in self._records.items()
+            if key not in keep
+            and rec.until < now - self.cap
+            and (rec.healthy_at is None or rec.healthy_at < now - RECENTLY_HEALTHY)
+        ]
+        for key in gone:
             del self._records[key]

@@ -617,6 +617,9 @@ class InterfaceWorker:
             if verdict.failed:
                 changed = True
                 self._path_failed(entry, verdict.reason or "failed", routed=routed)
+            elif verdict.routable and routed:
+                # Keeps the pair "recently healthy": a failure now is retried soon.
+                self.suppressions.record_healthy(entry.public_key)
             elif verdict.routable and not routed:
                 changed = True
                 self.proven.add(entry.public_key)
