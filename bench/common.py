@@ -298,13 +298,16 @@ def read_device(interface: str, timeout: float = 2.0) -> DeviceState:
 
 
 def direct_peer_up(lab: Lab, host: str, other: str) -> bool:
-    """``host`` holds ``other`` as a direct peer at its LAN address, with a handshake."""
+    """``host`` holds ``other`` as a direct peer at its LAN address, with a handshake,
+    and sends ``other``'s traffic over it (its tunnel address is routed there: since
+    make-before-break that happens only once the path is proven)."""
     peer = read_device(lab.wg_interface(host)).peer(lab.public_key(other))
     return (
         peer is not None
         and peer.endpoint is not None
         and str(peer.endpoint.address) == str(lab.lan_ip(other))
         and bool(peer.latest_handshake)
+        and any(lab.tunnel_ip(other) in net for net in peer.allowed_ips)
     )
 
 
