@@ -31,6 +31,7 @@ from wg_autopeer.lab import Lab, LanSpec, default_topology
 from wg_autopeer.lab.lab import parse_wg_dump, wait_for
 from wg_autopeer.lab.services import (
     agent_call,
+    direct_both_ways,
     direct_peers,
     has_direct_peer,
     start_agent,
@@ -352,6 +353,8 @@ def test_of_two_uplinks_the_preferred_is_reported_and_losing_it_keeps_traffic_fl
         lambda: (
             _endpoint(lab, "alice", "bob") == LAN3_ADDRESSES["bob"].ip
             and _endpoint(lab, "bob", "alice") == LAN3_ADDRESSES["alice"].ip
+            # Proven, so traffic goes direct (not only the endpoint set: that comes first).
+            and direct_both_ways(lab, "alice", "bob")
         ),
         timeout=20,
     ), f"alice/bob never peered on lan3; see {lab.log_path('agent-bob')}"
