@@ -124,7 +124,8 @@ def _t2_direct(lab: Lab, t2: ExtraTunnel, host: str) -> dict[str, PeerState]:
 
 
 def _t2_paired(lab: Lab, t2: ExtraTunnel, host: str, other: str) -> bool:
-    """``host`` holds ``other`` on tunnel 2 at its LAN address and tunnel-2 port, handshaken."""
+    """``host`` holds ``other`` on tunnel 2 at its LAN address and tunnel-2 port, handshaken,
+    with ``other``'s tunnel-2 address routed there (the path is proven)."""
     peer = _t2_direct(lab, t2, host).get(t2.public_key(other))
     return (
         peer is not None
@@ -132,6 +133,7 @@ def _t2_paired(lab: Lab, t2: ExtraTunnel, host: str, other: str) -> bool:
         and peer.endpoint.address == lab.lan_ip(other)
         and peer.endpoint.port == T2_PORT
         and bool(peer.latest_handshake)
+        and any(T2_CLIENTS[other].ip in net for net in peer.allowed_ips)
     )
 
 
