@@ -405,17 +405,23 @@ class DBusMenu(ServiceInterface):
 # -- asking the bus ------------------------------------------------------------------------
 
 
-async def _watcher_owner(bus: MessageBus) -> str | None:
-    reply = await bus.call(
+async def _ask_bus_daemon(bus: MessageBus, member: str, argument: str) -> Message:
+    """One call with a string argument to the bus daemon itself (org.freedesktop.DBus)."""
+    reply: Message = await bus.call(
         Message(
             destination="org.freedesktop.DBus",
             path="/org/freedesktop/DBus",
             interface="org.freedesktop.DBus",
-            member="GetNameOwner",
+            member=member,
             signature="s",
-            body=[WATCHER],
+            body=[argument],
         )
     )
+    return reply
+
+
+async def _watcher_owner(bus: MessageBus) -> str | None:
+    reply = await _ask_bus_daemon(bus, "GetNameOwner", WATCHER)
     if reply.message_type == MessageType.ERROR:
         return None
     owner: str = reply.body[0]
@@ -629,16 +635,7 @@ class SniTray:
             "type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
             f"member='NameOwnerChanged',arg0='{WATCHER}'"
         )
-        reply = await bus.call(
-            Message(
-                destination="org.freedesktop.DBus",
-                path="/org/freedesktop/DBus",
-                interface="org.freedesktop.DBus",
-                member="AddMatch",
-                signature="s",
-                body=[rule],
-            )
-        )
+        reply = await _ask_bus_daemon(bus, "AddMatch", rule)
         if reply.message_type == MessageType.ERROR:
             raise DBusError(reply.error_name or "AddMatch", str(reply.body))
 
