@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from wg_autopeer.lab.lab import Lab, wait_for
+from wg_autopeer.lab.readiness import ReadinessSocket
 from wg_autopeer.wireguard.base import PeerState
 
 SERVER_PORT = 80
@@ -36,37 +37,39 @@ def start_server(
     """
     hub = lab.topology.hub.name
     address = address or lab.tunnel_ip(hub)
-    proc = lab.spawn(
-        hub,
-        [
-            sys.executable,
-            "-m",
-            "wg_autopeer",
-            "server",
-            "--interface",
-            interface or lab.wg_interface(hub),
-            "--db",
-            ":memory:",
-            "--listen",
-            f"{address}:{SERVER_PORT}",
-            *extra,
-        ],
-        log_name=log_name,
-    )
-
-    def healthy() -> bool:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"server exited with {proc.returncode}: see {lab.log_path(log_name)}"
-            )
-        result = lab.run(
-            hub, "curl", "-s", "-m", "1", "-o", "/dev/null", "-w", "%{http_code}",
-            f"http://{address}:{SERVER_PORT}/healthz", check=False,
-        )  # fmt: skip
-        return result.stdout.strip() == "200"
-
-    if not wait_for(healthy, timeout=timeout, interval=0.1):
-        raise RuntimeError(f"server did not become healthy: see {lab.log_path(log_name)}")
+    with ReadinessSocket(lab.lab_dir / f"{log_name}.notify") as readiness:
+        proc = lab.spawn(
+            hub,
+            [
+                sys.executable,
+                "-m",
+                "wg_autopeer",
+                "server",
+                "--interface",
+                interface or lab.wg_interface(hub),
+                "--db",
+                ":memory:",
+                "--listen",
+                f"{address}:{SERVER_PORT}",
+                *extra,
+            ],
+            log_name=log_name,
+            env=readiness.env(),
+        )
+        ready = readiness.wait(proc, timeout)
+    if not ready:
+        raise RuntimeError(
+            f"server did not become ready (exit status {proc.poll()}): see {lab.log_path(log_name)}"
+        )
+    healthz = lab.run(
+        hub, "curl", "-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}",
+        f"http://{address}:{SERVER_PORT}/healthz", check=False,
+    )  # fmt: skip
+    if healthz.stdout.strip() != "200":
+        raise RuntimeError(
+            f"server said ready but /healthz gave {healthz.stdout.strip() or 'no answer'}: "
+            f"see {lab.log_path(log_name)}"
+        )
     return proc
 
 
@@ -141,9 +144,33 @@ def agent_dirs(lab: Lab, host: str) -> tuple[Path, Path]:
 
 
 def start_agent(
-    lab: Lab, host: str, *extra: str, log_name: str | None = None
+    lab: Lab,
+    host: str,
+    *extra: str,
+    log_name: str | None = None,
+    ready_within: float | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start ``wg-autopeer agent`` on client ``host`` (no tray, lab-local dirs)."""
+    """Start ``wg-autopeer agent`` on client ``host`` (no tray, lab-local dirs).
+
+    With ``ready_within``, wait that long for the agent to say it is ready (its first
+    sync done, as systemd would hear it) and raise if it does not.
+    """
+    log_name = log_name or f"agent-{host}"
+    if ready_within is None:
+        return _spawn_agent(lab, host, extra, log_name, env={})
+    with ReadinessSocket(lab.lab_dir / f"{log_name}.notify") as readiness:
+        proc = _spawn_agent(lab, host, extra, log_name, env=readiness.env())
+        if not readiness.wait(proc, ready_within):
+            raise RuntimeError(
+                f"{log_name} did not become ready (exit status {proc.poll()}): "
+                f"see {lab.log_path(log_name)}"
+            )
+    return proc
+
+
+def _spawn_agent(
+    lab: Lab, host: str, extra: Sequence[str], log_name: str, env: dict[str, str]
+) -> subprocess.Popen[bytes]:
     state_dir, runtime_dir = agent_dirs(lab, host)
     return lab.spawn(
         host,
@@ -162,7 +189,8 @@ def start_agent(
             "/dev/null",
             *extra,
         ],
-        log_name=log_name or f"agent-{host}",
+        log_name=log_name,
+        env=env,
     )
 
 
