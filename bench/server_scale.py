@@ -59,6 +59,7 @@ from wg_autopeer.server.config import ServerConfig
 from wg_autopeer.server.http import uvicorn_config
 from wg_autopeer.server.hubread import UapiReader
 from wg_autopeer.server.matching import Registration, ReportedLan
+from wg_autopeer.server.readerprocess import ProcessReader
 from wg_autopeer.server.store import SqliteStore
 from wg_autopeer.wireguard.fake import FakeWireGuard
 
@@ -90,8 +91,12 @@ class Case:
     rss_kib: int = 0
     # Mean microseconds of the matching step alone (``Registry.answer_for``), in-process.
     match_us: float = 0.0
-    # Server CPU time per answered request, over the whole load (warm-up included).
+    # Server CPU time per answered request, over the whole load (warm-up included); the
+    # server's hub reader process counted in.
     cpu_ms_per_request: float = 0.0
+    # The hub reader process (``readerprocess``): its PID, and its share of ``rss_kib``.
+    reader_pid: int = 0
+    reader_rss_kib: int = 0
     # Full (generation 2) garbage collections during the load, and their total time.
     full_gcs: int = 0
     full_gc_ms: float = 0.0
@@ -214,9 +219,12 @@ async def serve_with(
     # here (one request per client would take minutes), loaded by the server itself.
     with BulkStore(db) as store:
         store.put_all(registration(c, config.ttl) for c in clients)
-    # The real UAPI reader and parser; the link check is the one thing left out (the
-    # synthetic device has no network interface).
-    reader = UapiReader(IFACE, socket_dir, link_exists=lambda name: True)
+    # The real UAPI reader and parser in its own process, as the server command runs it;
+    # the link check is the one thing left out (the synthetic device has no interface).
+    reader = ProcessReader(
+        IFACE, lambda: UapiReader(IFACE, socket_dir, link_exists=lambda name: True)
+    )
+    case.reader_pid = reader.pid or 0
     started = time.perf_counter()
     app = create_app(config, FakeWireGuard(), reader=reader)
     case.prefill_s = time.perf_counter() - started
@@ -245,7 +253,8 @@ async def serve_with(
         started = time.perf_counter()
         await core.tick()
         case.tick_ms = (time.perf_counter() - started) * 1000
-        case.rss_kib = sample_process_self()
+        case.reader_rss_kib = sample_process(case.reader_pid).rss_kib
+        case.rss_kib = sample_process_self() + case.reader_rss_kib
         case.match_us = time_matching(core, clients)
         if case.size == min(SIZES):
             case.inproc_rps = await inprocess_rps(app, clients, INPROC_SECONDS)
@@ -377,9 +386,9 @@ def sample_process_self() -> int:
     return sample_process(os.getpid()).rss_kib
 
 
-def process_cpu() -> float:
-    """CPU seconds of this process (the server) so far, every thread."""
-    return time.process_time()
+def process_cpu(case: Case) -> float:
+    """CPU seconds of the server so far: this process, every thread, and its reader's."""
+    return time.process_time() + sample_process(case.reader_pid).cpu_seconds
 
 
 async def loadgen(*args: str) -> dict[str, Any]:
@@ -405,7 +414,7 @@ async def load_case(
     clients = population(size, distribution)
 
     async def body(port: int, core: Coordinator, case: Case) -> Case:
-        before = process_cpu()
+        before = process_cpu(case)
         reads = core.hub.reads
         probe = LoopProbe()
         gc_clock = GcClock()
@@ -415,7 +424,7 @@ async def load_case(
             "--duration", f"{duration:g}", "--concurrency", str(concurrency),
         )  # fmt: skip
         requests = case.load["requests"] / case.load["seconds"] * (duration + 1.0)
-        case.cpu_ms_per_request = (process_cpu() - before) * 1000 / max(requests, 1.0)
+        case.cpu_ms_per_request = (process_cpu(case) - before) * 1000 / max(requests, 1.0)
         case.full_gc_ms, case.full_gcs = gc_clock.stop()
         lags = await probe.stop()
         case.hub_reads = core.hub.reads - reads
@@ -564,7 +573,7 @@ def rows(cases: list[Case], blocking: dict[str, Any], concurrency: int) -> list[
         Row(
             PART,
             f"background round at {max(SIZES):,} clients (every 2 s; the hub read runs in "
-            "a worker thread through the real UAPI parser)",
+            "a process of its own through the real UAPI parser)",
             ", ".join(
                 f"{c.tick_ms:.0f} ms ({c.distribution}; first, full read {c.first_read_ms:.0f} ms)"
                 for c in big

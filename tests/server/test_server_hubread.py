@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import itertools
+import os
+import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from ipaddress import ip_address, ip_network
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,9 @@ import pytest
 from fastapi import FastAPI
 from server_fakes import ALICE, HUB_IF, Hub, make_key
 
-from wg_autopeer.server.hubread import UapiReader, _UapiStream
+from wg_autopeer.server.hubread import DeviceReader, UapiReader, _UapiStream
 from wg_autopeer.server.identity import HubView
+from wg_autopeer.server.readerprocess import ProcessReader
 from wg_autopeer.wireguard.base import DeviceState, Endpoint, PeerState
 from wg_autopeer.wireguard.fake import FakeWireGuard
 from wg_autopeer.wireguard.uapi import parse_device
@@ -215,8 +217,33 @@ def uapi_device(tmp_path: Path) -> Iterator[UapiDevice]:
         device.close()
 
 
-def test_uapi_reader_parses_only_peers_that_changed(uapi_device: UapiDevice) -> None:
-    reader = UapiReader(HUB_IF, uapi_device.path.parent, link_exists=lambda name: True)
+def uapi_reader(device: UapiDevice, *, here: bool = False) -> UapiReader:
+    return UapiReader(HUB_IF, device.path.parent, link_exists=lambda name: here)
+
+
+@pytest.fixture(params=["thread", "process"])
+def make_reader(request: pytest.FixtureRequest) -> Iterator[Callable[..., DeviceReader]]:
+    """A UAPI reader as the server's worker thread uses it, or as the server command runs
+    it: in a child process (``ProcessReader``), which must give the same answers."""
+    made: list[DeviceReader] = []
+
+    def make(device: UapiDevice, *, link_here: bool = True) -> DeviceReader:
+        def inner() -> DeviceReader:
+            return uapi_reader(device, here=link_here)
+
+        reader = inner() if request.param == "thread" else ProcessReader(HUB_IF, inner)
+        made.append(reader)
+        return reader
+
+    yield make
+    for reader in made:
+        reader.close()
+
+
+def test_uapi_reader_parses_only_peers_that_changed(
+    uapi_device: UapiDevice, make_reader: Callable[..., DeviceReader]
+) -> None:
+    reader = make_reader(uapi_device)
     uapi_device.answer = answer(*(peer_lines(n) for n in range(2, 40)))
     first = reader.read()
     assert first.full
@@ -243,8 +270,10 @@ def test_uapi_reader_parses_only_peers_that_changed(uapi_device: UapiDevice) -> 
     assert delta.peers == 37
 
 
-def test_uapi_reader_reads_in_full_when_asked(uapi_device: UapiDevice) -> None:
-    reader = UapiReader(HUB_IF, uapi_device.path.parent, link_exists=lambda name: True)
+def test_uapi_reader_reads_in_full_when_asked(
+    uapi_device: UapiDevice, make_reader: Callable[..., DeviceReader]
+) -> None:
+    reader = make_reader(uapi_device)
     uapi_device.answer = answer(peer_lines(2), peer_lines(3))
     reader.read()
     again = reader.read(full=True)
@@ -252,22 +281,49 @@ def test_uapi_reader_reads_in_full_when_asked(uapi_device: UapiDevice) -> None:
     assert set(again.changed) == {make_key(2), make_key(3)}
 
 
-def test_uapi_reader_refuses_a_socket_whose_link_is_not_here(uapi_device: UapiDevice) -> None:
+def test_uapi_reader_refuses_a_socket_whose_link_is_not_here(
+    uapi_device: UapiDevice, make_reader: Callable[..., DeviceReader]
+) -> None:
     from wg_autopeer.errors import NoSuchInterface
 
-    reader = UapiReader(HUB_IF, uapi_device.path.parent, link_exists=lambda name: False)
-    with pytest.raises(NoSuchInterface):
+    reader = make_reader(uapi_device, link_here=False)
+    with pytest.raises(NoSuchInterface) as raised:
         reader.read()
+    assert raised.value.interface == HUB_IF
 
 
-def test_uapi_reader_reports_a_device_error(uapi_device: UapiDevice) -> None:
+def test_uapi_reader_reports_a_device_error(
+    uapi_device: UapiDevice, make_reader: Callable[..., DeviceReader]
+) -> None:
     from wg_autopeer.errors import DeviceRefused
 
     uapi_device.answer = b"errno=-22\n\n"
-    reader = UapiReader(HUB_IF, uapi_device.path.parent, link_exists=lambda name: True)
+    reader = make_reader(uapi_device)
     with pytest.raises(DeviceRefused):
         reader.read()
-    with contextlib.suppress(Exception):
+    # The error leaves the reader usable.
+    uapi_device.answer = answer(peer_lines(2))
+    assert set(reader.read().changed) == {make_key(2)}
+
+
+def test_a_dead_reader_process_leaves_reads_to_the_server(uapi_device: UapiDevice) -> None:
+    uapi_device.answer = answer(*(peer_lines(n) for n in range(2, 250)))
+    reader = ProcessReader(HUB_IF, lambda: uapi_reader(uapi_device, here=True))
+    try:
+        assert reader.pid is not None
+        assert reader.pid != os.getpid()
+        first = reader.read()
+        assert first.full
+        assert len(first.changed) == 248
+        assert first.peers == 248
+        os.kill(reader.pid, signal.SIGKILL)
+        # The next read is the server's own, and in full: its view may be out of step.
+        again = reader.read()
+        assert again.full
+        assert set(again.changed) == set(first.changed)
+        assert reader.pid is None
+        assert reader.read().changed == {}
+    finally:
         reader.close()
 
 

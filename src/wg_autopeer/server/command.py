@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from ipaddress import IPv6Address, ip_address
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wg_autopeer import sdnotify
 from wg_autopeer.errors import ConfigError, WgAutopeerError
@@ -24,6 +24,9 @@ from wg_autopeer.server.config import (
     load_config,
     parse_listen,
 )
+
+if TYPE_CHECKING:
+    from wg_autopeer.server.hubread import DeviceReader
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +136,9 @@ class StopSignal:
             server.should_exit = True
 
 
-async def serve(config: ServerConfig, sockets: list[socket.socket], stop: StopSignal) -> None:
+async def serve(
+    config: ServerConfig, sockets: list[socket.socket], stop: StopSignal, reader: DeviceReader
+) -> None:
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -153,7 +158,7 @@ async def serve(config: ServerConfig, sockets: list[socket.socket], stop: StopSi
 
     control = open_control()
     try:
-        app = create_app(config, control)
+        app = create_app(config, control, reader=reader)
         server = Server(uvicorn_config(app))
         stop.attach(server)
         await server.serve(sockets=sockets)
@@ -161,13 +166,29 @@ async def serve(config: ServerConfig, sockets: list[socket.socket], stop: StopSi
         await control.close()
 
 
+def hub_reader(interface: str) -> DeviceReader:
+    """The hub's device reader, in a child process (forked now: see ``readerprocess``)."""
+    from wg_autopeer.server.hubread import auto_reader
+    from wg_autopeer.server.readerprocess import ProcessReader
+    from wg_autopeer.wireguard.uapi import DEFAULT_SOCKET_DIR
+
+    return ProcessReader(interface, lambda: auto_reader(interface, DEFAULT_SOCKET_DIR))
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         config = resolve_config(args)
         listen = list(config.listen) or interface_addresses(config.interface)
+    except WgAutopeerError as exc:
+        log.error("%s", exc)
+        return 2
+    # First, while this process has one thread and no listening socket to hand down.
+    reader = hub_reader(config.interface)
+    try:
         sockets = [open_socket(address) for address in listen]
     except WgAutopeerError as exc:
         log.error("%s", exc)
+        reader.close()
         return 2
     stop = StopSignal()
     stop.install()
@@ -178,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
         ", ".join(str(a) for a in listen),
     )
     try:
-        asyncio.run(serve(config, sockets, stop))
+        asyncio.run(serve(config, sockets, stop, reader))
     except WgAutopeerError as exc:
         log.error("%s", exc)
         return 1

@@ -359,6 +359,21 @@ class AutoReader(DeviceReader):
         self.netlink.close()
 
 
+def auto_reader(interface: str, socket_dir: Path) -> AutoReader:
+    """What the server reads a device it finds by name with: a userspace device's socket in
+    ``socket_dir`` if there is one, the kernel's netlink otherwise (as ``AutoControl``)."""
+    from wg_autopeer.wireguard.netlink import NetlinkControl
+    from wg_autopeer.wireguard.uapi import has_uapi_socket, link_exists
+
+    return AutoReader(
+        interface,
+        UapiReader(interface, socket_dir, link_exists=link_exists),
+        ControlReader(interface, NetlinkControl),
+        has_uapi_device=lambda name: has_uapi_socket(name, socket_dir),
+        link_exists=link_exists,
+    )
+
+
 def reader_for(control: WireGuardControl, interface: str) -> DeviceReader:
     """The reader matching ``control``: its own connection to the same kind of device.
 
@@ -366,17 +381,10 @@ def reader_for(control: WireGuardControl, interface: str) -> DeviceReader:
     """
     from wg_autopeer.wireguard import AutoControl
     from wg_autopeer.wireguard.netlink import NetlinkControl
-    from wg_autopeer.wireguard.uapi import UapiControl, has_uapi_socket, link_exists
+    from wg_autopeer.wireguard.uapi import UapiControl, link_exists
 
     if isinstance(control, AutoControl):
-        socket_dir = control.uapi.socket_dir
-        return AutoReader(
-            interface,
-            UapiReader(interface, socket_dir, link_exists=link_exists),
-            ControlReader(interface, NetlinkControl),
-            has_uapi_device=lambda name: has_uapi_socket(name, socket_dir),
-            link_exists=link_exists,
-        )
+        return auto_reader(interface, control.uapi.socket_dir)
     if isinstance(control, UapiControl):
         return UapiReader(interface, control.socket_dir, link_exists=link_exists)
     if isinstance(control, NetlinkControl):
