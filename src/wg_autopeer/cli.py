@@ -13,8 +13,8 @@ from collections.abc import Iterable, Sequence
 # the server each pull in heavy libraries the others do not need).
 COMMANDS: dict[str, tuple[str, str]] = {
     "agent": ("wg_autopeer.agent.command", "run the agent beside a WireGuard client"),
-    "status": ("wg_autopeer.agent.command", "show the running agent's state"),
-    "sync": ("wg_autopeer.agent.command", "re-sync now"),
+    "status": ("wg_autopeer.agent.status_command", "show the running agent's state"),
+    "sync": ("wg_autopeer.agent.status_command", "re-sync now"),
     "server": ("wg_autopeer.server.command", "run the coordination server on the hub"),
     "lab": (
         "wg_autopeer.lab.command",
