@@ -65,7 +65,7 @@ def test_the_agent_command_loads_neither_the_lab_nor_the_server() -> None:
         "from wg_autopeer.cli import main\n"
         "try:\n    main(['agent', '--help'])\nexcept SystemExit:\n    pass"
     )
-    loaded = loaded_after(code, HEAVY + ("wg_autopeer.server",))
+    loaded = loaded_after(code, (*HEAVY, "wg_autopeer.server"))
     assert loaded.isdisjoint({"wg_autopeer.lab", "wg_autopeer.server", "uvicorn", "fastapi"})
     assert "pyroute2" in loaded  # the probe did load the backends
 
