@@ -25,6 +25,7 @@ monotonic clock.
 from __future__ import annotations
 
 import enum
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -57,12 +58,14 @@ PENDING_TICK = 0.2
 ACTIVE_TICK = 0.5
 IDLE_TICK = 1.0
 # The agents' own chatter on an idle path, counted both ways: one heartbeat each way
-# each second (96 bytes as a WireGuard data packet) and, when the neighbour answers
-# ours with a port unreachable, that answer (112): about 300 bytes a second. Anything
-# above this is someone's traffic. A ping every second is 128 bytes more each way.
-IDLE_BYTES_PER_SECOND = 512.0
-# Rates are taken over at least this long: heartbeats come once a second.
-TRAFFIC_WINDOW = 0.95
+# each second (96 bytes as a WireGuard data packet) and each side's port-unreachable
+# answer to the other's (112): about 420 bytes a second, up to 560 when a window's
+# edges catch one more of each. Anything above this is someone's traffic (a ping every
+# 100 ms is 2,560 bytes a second both ways).
+IDLE_BYTES_PER_SECOND = 1024.0
+# Rates are taken over windows of three heartbeats, so one more or less at an edge
+# does not make an idle path look busy.
+TRAFFIC_WINDOW = 2.95
 # A deadline look comes this much after the deadline: the verdict wants "longer than".
 DEADLINE_SLACK = 0.02
 
@@ -219,10 +222,15 @@ class TrafficWatch:
             self._seen[public_key] = (total, now, True)
             return True
         then_total, then, busy = last
-        if now - then < TRAFFIC_WINDOW:
-            return busy
         # A counter that went down belongs to a re-created peer: busy until shown idle.
-        busy = total < then_total or (total - then_total) / (now - then) > IDLE_BYTES_PER_SECOND
+        grown = total - then_total if total >= then_total else math.inf
+        if now - then < TRAFFIC_WINDOW:
+            # Traffic starting shows before the window is over: enough bytes for all of it.
+            if grown > IDLE_BYTES_PER_SECOND * TRAFFIC_WINDOW:
+                self._seen[public_key] = (then_total, then, True)
+                return True
+            return busy
+        busy = grown / (now - then) > IDLE_BYTES_PER_SECOND
         self._seen[public_key] = (total, now, busy)
         return busy
 
