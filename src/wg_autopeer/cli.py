@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from collections.abc import Iterable, Sequence
 
@@ -57,13 +56,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = command_in(words)
     parser = build_parser([command] if command else [])
     args = parser.parse_args(words)
+    if getattr(args, "logs", True):
+        configure_logging(verbose=args.verbose)
+    result: int = args.run(args)
+    return result
+
+
+def configure_logging(*, verbose: bool) -> None:
+    """INFO and up to stderr; DEBUG of our own modules with ``-v``."""
+    import logging
+
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     # Our own debug lines only: pyroute2 and httpcore would drown them.
-    logging.getLogger("wg_autopeer").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    logging.getLogger("wg_autopeer").setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    result: int = args.run(args)
-    return result

@@ -25,7 +25,8 @@ from typing import Any
 from wg_autopeer import sdnotify
 from wg_autopeer.agent.config import AgentConfig
 from wg_autopeer.agent.ledger import CachedLedgerStore
-from wg_autopeer.agent.localapi import STATUS_VERSION, as_jsonable
+from wg_autopeer.agent.localapi import STATUS_VERSION
+from wg_autopeer.agent.localserver import as_jsonable
 from wg_autopeer.agent.supervise import Supervisor
 from wg_autopeer.agent.worker import InterfaceStatus, InterfaceWorker
 from wg_autopeer.clock import SYSTEM_CLOCK, Clock, jump_between, next_on_grid, sleep_until

@@ -11,14 +11,18 @@ Answers: ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import os
 import socket
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-from wg_autopeer.agent.instance import control_socket_dirs
+if TYPE_CHECKING:
+    from typing import Any
 
+APP = "wg-autopeer"
+DEFAULT_RUNTIME_DIR = Path("/run/wg-autopeer")
 SOCKET_NAME = "agent.sock"
 STATUS_VERSION = 1
 MAX_REQUEST = 4096
@@ -30,6 +34,22 @@ def socket_path(runtime_dir: Path) -> Path:
 
 class AgentNotRunning(Exception):
     """No agent answers on the control socket."""
+
+
+def xdg_runtime(env: Mapping[str, str]) -> Path | None:
+    """``$XDG_RUNTIME_DIR/wg-autopeer``: where an agent run by a desktop user lives."""
+    base = env.get("XDG_RUNTIME_DIR")
+    return Path(base) / APP if base else None
+
+
+def control_socket_dirs(runtime_dir: Path, env: Mapping[str, str] | None = None) -> list[Path]:
+    """Where ``status``, ``sync`` and the tray look for the agent's socket, in order."""
+    env = os.environ if env is None else env
+    dirs = [runtime_dir]
+    fallback = xdg_runtime(env)
+    if runtime_dir == DEFAULT_RUNTIME_DIR and fallback is not None:
+        dirs.append(fallback)
+    return dirs
 
 
 def answers(path: Path) -> bool:
@@ -87,16 +107,3 @@ def call(runtime_dir: Path, command: str, timeout: float = 5.0) -> dict[str, Any
     except ValueError as exc:
         raise AgentNotRunning(f"agent at {path} sent garbage") from exc
     return answer
-
-
-def as_jsonable(value: Any) -> Any:
-    """Dataclasses (status records) into plain JSON values."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {k: as_jsonable(v) for k, v in dataclasses.asdict(value).items()}
-    if isinstance(value, list | tuple):
-        return [as_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): as_jsonable(v) for k, v in value.items()}
-    if isinstance(value, str | int | float | bool) or value is None:
-        return value
-    return str(value)

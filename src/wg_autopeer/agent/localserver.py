@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import grp
 import json
 import logging
@@ -131,3 +132,16 @@ class LocalApiServer:
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
+
+
+def as_jsonable(value: Any) -> Any:
+    """Dataclasses (status records) into plain JSON values."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {k: as_jsonable(v) for k, v in dataclasses.asdict(value).items()}
+    if isinstance(value, list | tuple):
+        return [as_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): as_jsonable(v) for k, v in value.items()}
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return str(value)

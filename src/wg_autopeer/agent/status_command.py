@@ -13,9 +13,12 @@ import sys
 import time
 from ipaddress import ip_interface
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from wg_autopeer.agent import localapi
+
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def add_parser(sub: Any) -> None:
@@ -24,7 +27,8 @@ def add_parser(sub: Any) -> None:
         p.add_argument("--runtime-dir", type=Path, default=Path("/run/wg-autopeer"))
         if name == "status":
             p.add_argument("--json", action="store_true", help="stable JSON output")
-        p.set_defaults(run=run_status if name == "status" else run_sync)
+        # They print their answer and log nothing: no logging set-up to load.
+        p.set_defaults(run=run_status if name == "status" else run_sync, logs=False)
 
 
 def _ask_agent(args: argparse.Namespace, command: str) -> dict[str, Any] | None:
