@@ -31,6 +31,17 @@ from wg_autopeer.agent.localapi import (
 )
 from wg_autopeer.errors import AlreadyRunning
 
+__all__ = [
+    "APP",
+    "DEFAULT_RUNTIME_DIR",
+    "DEFAULT_STATE_DIR",
+    "LOCK_NAME",
+    "AgentDirs",
+    "InstanceLock",
+    "agent_dirs",
+    "control_socket_dirs",
+]
+
 LOCK_NAME = "agent.lock"
 DEFAULT_STATE_DIR = Path("/var/lib/wg-autopeer")
 
@@ -111,15 +122,3 @@ def agent_dirs(
         else:
             chosen.append(given)
     return AgentDirs(chosen[0], chosen[1], tuple(notes))
-
-
-__all__ = [
-    "APP",
-    "DEFAULT_RUNTIME_DIR",
-    "DEFAULT_STATE_DIR",
-    "LOCK_NAME",
-    "AgentDirs",
-    "InstanceLock",
-    "agent_dirs",
-    "control_socket_dirs",
-]
