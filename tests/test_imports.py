@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 HEAVY = ("pyroute2", "cryptography", "uvicorn", "fastapi", "wg_autopeer.lab")
+# What a command that only talks to the running agent's socket has no use for.
+AGENT_MACHINERY = (
+    "asyncio",
+    "pydantic",
+    "httpx",
+    "wg_autopeer.wireguard",
+    "wg_autopeer.netview",
+    "wg_autopeer.agent.daemon",
+)
 
 
-def loaded_after(code: str) -> set[str]:
-    """The HEAVY modules in sys.modules after running ``code`` in a fresh interpreter."""
-    probe = f"{code}\nimport sys\nprint('LOADED', *(m for m in {HEAVY!r} if m in sys.modules))"
+def loaded_after(code: str, modules: tuple[str, ...] = HEAVY) -> set[str]:
+    """Which of ``modules`` are in sys.modules after running ``code`` in a fresh interpreter."""
+    probe = f"{code}\nimport sys\nprint('LOADED', *(m for m in {modules!r} if m in sys.modules))"
     done = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
     )
@@ -35,6 +45,29 @@ def test_status_help_loads_neither_the_server_nor_the_lab() -> None:
         "try:\n    main(['status', '--help'])\nexcept SystemExit:\n    pass"
     )
     assert loaded_after(code) == set()
+
+
+def test_status_loads_only_the_socket_client(tmp_path: Path) -> None:
+    # No agent runs there: the command says so (exit 3) having loaded none of the agent.
+    code = (
+        "from wg_autopeer.cli import main\n"
+        f"assert main(['status', '--runtime-dir', {str(tmp_path)!r}]) == 3\n"
+        f"assert main(['sync', '--runtime-dir', {str(tmp_path)!r}]) == 3"
+    )
+    assert loaded_after(code, HEAVY + AGENT_MACHINERY) == set()
+
+
+def test_the_agent_command_loads_neither_the_lab_nor_the_server() -> None:
+    # Everything the running agent imports (its own modules and both backends).
+    code = (
+        "import wg_autopeer.agent.command, wg_autopeer.agent.daemon\n"
+        "import wg_autopeer.netview.linux, wg_autopeer.wireguard.netlink, wg_autopeer.tray\n"
+        "from wg_autopeer.cli import main\n"
+        "try:\n    main(['agent', '--help'])\nexcept SystemExit:\n    pass"
+    )
+    loaded = loaded_after(code, (*HEAVY, "wg_autopeer.server"))
+    assert loaded.isdisjoint({"wg_autopeer.lab", "wg_autopeer.server", "uvicorn", "fastapi"})
+    assert "pyroute2" in loaded  # the probe did load the backends
 
 
 def test_server_help_loads_no_lab() -> None:

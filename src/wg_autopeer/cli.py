@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from collections.abc import Iterable, Sequence
 
@@ -13,8 +12,8 @@ from collections.abc import Iterable, Sequence
 # the server each pull in heavy libraries the others do not need).
 COMMANDS: dict[str, tuple[str, str]] = {
     "agent": ("wg_autopeer.agent.command", "run the agent beside a WireGuard client"),
-    "status": ("wg_autopeer.agent.command", "show the running agent's state"),
-    "sync": ("wg_autopeer.agent.command", "re-sync now"),
+    "status": ("wg_autopeer.agent.status_command", "show the running agent's state"),
+    "sync": ("wg_autopeer.agent.status_command", "re-sync now"),
     "server": ("wg_autopeer.server.command", "run the coordination server on the hub"),
     "lab": (
         "wg_autopeer.lab.command",
@@ -57,13 +56,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = command_in(words)
     parser = build_parser([command] if command else [])
     args = parser.parse_args(words)
+    if getattr(args, "logs", True):
+        configure_logging(verbose=args.verbose)
+    result: int = args.run(args)
+    return result
+
+
+def configure_logging(*, verbose: bool) -> None:
+    """INFO and up to stderr; DEBUG of our own modules with ``-v``."""
+    import logging
+
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     # Our own debug lines only: pyroute2 and httpcore would drown them.
-    logging.getLogger("wg_autopeer").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    logging.getLogger("wg_autopeer").setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    result: int = args.run(args)
-    return result

@@ -9,6 +9,8 @@ resume shows (``jump_between``).
 
 from __future__ import annotations
 
+import asyncio
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,3 +54,33 @@ def jump_between(before: ClockReading, after: ClockReading) -> str | None:
 
 
 SYSTEM_CLOCK = Clock()
+
+
+# How far before a grid instant a timer may read the clock and still count as on it.
+GRID_SLACK = 0.01
+
+
+def next_on_grid(now: float, period: float) -> float:
+    """The first multiple of ``period`` after ``now`` (loop seconds).
+
+    Every timer of the agent that repeats with a period sleeps until such an instant,
+    so timers with the same period (the path watch of each interface, its heartbeats,
+    the clock check) come due at the very same instants and cost the process one
+    wake-up between them, not one each.
+    """
+    if period <= 0:
+        raise ValueError(f"a period must be positive, got {period}")
+    return (math.floor(now / period) + 1) * period
+
+
+async def sleep_until(when: float) -> None:
+    """Sleep until the loop time ``when`` exactly (``asyncio.sleep`` adds its delay to a
+    fresh reading of the clock, which would put each task a hair off the shared grid,
+    and a hair is a separate wake-up)."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    handle = loop.call_at(when, done.set_result, None)
+    try:
+        await done
+    finally:
+        handle.cancel()

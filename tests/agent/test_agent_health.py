@@ -14,6 +14,7 @@ from wg_autopeer.agent.health import (
     PathState,
     RxWatch,
     Suppressions,
+    TrafficWatch,
     judge,
 )
 from wg_autopeer.wireguard.base import PeerState
@@ -220,3 +221,24 @@ def test_backoff_survives_many_failures() -> None:
 def test_backoff_rejects_nonsense_bounds() -> None:
     with pytest.raises(ValueError, match="base"):
         Backoff(base=10, cap=1)
+
+
+def test_heartbeats_alone_leave_a_path_idle_and_traffic_shows_within_a_second() -> None:
+    now = [100.0]
+    watch = TrafficWatch(lambda: now[0])
+    assert watch.observe("k", 0, 0)  # not seen before: busy until shown otherwise
+    rx = tx = 0
+    for second in range(1, 10):
+        now[0] += 1.0
+        # Heartbeat and port unreachable each way, and one more at every third edge.
+        extra = 208 if second % 3 == 0 else 0
+        rx, tx = rx + 208 + extra, tx + 208
+        busy = watch.observe("k", rx, tx)
+    assert not busy
+    now[0] += 0.5
+    # A 100 ms ping starts: within the window, as soon as its bytes outgrow the budget.
+    rx, tx = rx + 2000, tx + 2000
+    assert watch.observe("k", rx, tx)
+    # A re-created peer (counters start again) is busy until a window shows otherwise.
+    now[0] += 3.0
+    assert watch.observe("k", 10, 10)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from wg_autopeer.agent import localapi
+from wg_autopeer.agent import localapi, localserver
 from wg_autopeer.agent.instance import (
     DEFAULT_RUNTIME_DIR,
     DEFAULT_STATE_DIR,
@@ -76,10 +76,10 @@ async def test_a_live_control_socket_is_never_taken_over(tmp_path: Path) -> None
         return {"ok": True, "command": command}
 
     path = localapi.socket_path(tmp_path)
-    first = localapi.LocalApiServer(path, handler)
+    first = localserver.LocalApiServer(path, handler)
     await first.start()
     try:
-        second = localapi.LocalApiServer(path, handler)
+        second = localserver.LocalApiServer(path, handler)
         with pytest.raises(AlreadyRunning):
             await second.start()
         answer = await asyncio.to_thread(localapi.call, tmp_path, "status")
@@ -97,7 +97,7 @@ async def test_a_stale_control_socket_is_replaced(tmp_path: Path) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
         dead.bind(str(path))
     assert path.exists()
-    server = localapi.LocalApiServer(path, handler)
+    server = localserver.LocalApiServer(path, handler)
     await server.start()
     try:
         answer = await asyncio.to_thread(localapi.call, tmp_path, "status")

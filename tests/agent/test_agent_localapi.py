@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from wg_autopeer.agent.localapi import LocalApiServer, call, socket_path
+from wg_autopeer.agent.localapi import call, socket_path
+from wg_autopeer.agent.localserver import LocalApiServer
 from wg_autopeer.errors import ConfigError
 
 NOBODY = 65534

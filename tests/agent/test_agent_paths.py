@@ -17,10 +17,17 @@ from agent_keys import key
 
 from wg_autopeer.agent.config import AgentConfig
 from wg_autopeer.agent.daemon import Agent
-from wg_autopeer.agent.health import PENDING_TICK
+from wg_autopeer.agent.health import (
+    ACTIVE_TICK,
+    DEADLINE_SLACK,
+    HEARTBEAT_INTERVAL,
+    IDLE_TICK,
+    PENDING_TICK,
+    NextLook,
+)
 from wg_autopeer.agent.safety import DirectPeer
 from wg_autopeer.agent.worker import InterfaceWorker
-from wg_autopeer.clock import Clock
+from wg_autopeer.clock import Clock, next_on_grid
 from wg_autopeer.netview.base import NetView
 from wg_autopeer.netview.model import Address, DefaultRoute, Link, NetChange, NetSnapshot
 from wg_autopeer.wireguard.base import Endpoint, PeerState
@@ -116,7 +123,7 @@ async def test_new_neighbour_waits_unrouted_until_its_handshake(
     peer = await bob(device)
     assert peer is not None
     assert (peer.endpoint, peer.allowed_ips, peer.persistent_keepalive) == (BOB_LAN, (), 3)
-    assert await worker.check_paths() == PENDING_TICK
+    assert await worker.check_paths() == NextLook(PENDING_TICK)
     assert worker.status.direct_peers[0].health == "pending"
     assert not worker.status.direct_peers[0].routed
 
@@ -273,3 +280,86 @@ async def test_resume_from_suspend_restarts_paths_instead_of_failing_them(
 async def test_wall_clock_jump_is_noticed(worker: InterfaceWorker, time_: FakeTime) -> None:
     time_.wall -= 7200  # NTP, or a user setting the clock back
     assert worker.agent.notice_clock_jump() == "the wall clock jumped by -7200 s"
+
+
+async def looks_in_a_minute(
+    worker: InterfaceWorker, device: FakeWireGuard, time_: FakeTime, bytes_per_second: int
+) -> tuple[int, float]:
+    """Drive the path watch's schedule on the fake clock for a minute, the neighbour's
+    bytes arriving at ``bytes_per_second``; returns the looks and the tick they kept."""
+    await offered(worker, BOB_OFFER)
+    device.update_peer(WG, BOB, latest_handshake=time_.wall, rx_bytes=92)
+    look = await worker.check_paths()
+    rx, looks, ticks = 92, 0, set[float]()
+    settled = time_.mono + 5.0  # a new path counts as busy until a window shows otherwise
+    while True:
+        due = look.due(time_.mono)
+        assert due is not None
+        if due > settled + 60.0:
+            break
+        assert look.tick is not None
+        # On the grid every worker shares: the interfaces' looks fall together.
+        assert due == next_on_grid(time_.mono, look.tick)
+        rx += round(bytes_per_second * (due - time_.mono))
+        time_.advance(due - time_.mono)
+        device.update_peer(WG, BOB, rx_bytes=rx, tx_bytes=rx)
+        look = await worker.check_paths()
+        if time_.mono > settled:
+            looks += 1
+            assert look.tick is not None
+            ticks.add(look.tick)
+    assert worker.proven == {BOB}
+    assert len(ticks) == 1
+    return looks, ticks.pop()
+
+
+async def test_idle_active_path_is_looked_at_once_a_second_with_its_heartbeats(
+    worker: InterfaceWorker, device: FakeWireGuard, time_: FakeTime
+) -> None:
+    # Nothing but the heartbeats (96 bytes each way each second): one look a second,
+    # the same wake-up that sends them (HEARTBEAT_INTERVAL), and none in between.
+    looks, tick = await looks_in_a_minute(worker, device, time_, 96)
+    assert (looks, tick) == (60, IDLE_TICK)
+    assert tick == HEARTBEAT_INTERVAL
+
+
+async def test_busy_active_path_is_looked_at_twice_a_second(
+    worker: InterfaceWorker, device: FakeWireGuard, time_: FakeTime
+) -> None:
+    # A ping every 100 ms: a path dying is seen within half a second.
+    looks, tick = await looks_in_a_minute(worker, device, time_, 1280)
+    assert (looks, tick) == (120, ACTIVE_TICK)
+
+
+async def test_silent_path_is_looked_at_on_its_deadline_not_a_tick_later(
+    worker: InterfaceWorker, device: FakeWireGuard, time_: FakeTime
+) -> None:
+    await offered(worker, BOB_OFFER)
+    device.update_peer(WG, BOB, latest_handshake=time_.wall, rx_bytes=92)
+    await worker.check_paths()
+    time_.advance(0.1)
+    device.update_peer(WG, BOB, rx_bytes=200)
+    await worker.check_paths()  # the last byte that will ever arrive
+    time_.advance(2.9)  # a tick, on the grid: silent for 2.9 s, not yet dead
+    look = await worker.check_paths()
+    assert await bob(device) is not None
+    keepalive = worker.agent.config.persistent_keepalive
+    assert look.within == pytest.approx(keepalive - 2.9 + DEADLINE_SLACK)
+    due = look.due(time_.mono)
+    assert due is not None
+    assert due < next_on_grid(time_.mono, ACTIVE_TICK)
+    time_.advance(due - time_.mono)
+    await worker.check_paths()
+    assert await bob(device) is None  # judged dead at the deadline itself
+
+
+async def test_worker_without_direct_peers_never_looks() -> None:
+    assert NextLook().due(123.0) is None
+
+
+def test_timers_of_the_same_period_share_their_instants() -> None:
+    # Two interfaces whose watches started at different moments still wake together.
+    assert next_on_grid(1000.13, 0.5) == next_on_grid(1000.41, 0.5) == 1000.5
+    assert next_on_grid(1000.5, 0.5) == 1001.0  # strictly after now
+    # The heartbeat (1 s) and clock check (5 s) instants are instants of the 0.5 s grid.
+    assert next_on_grid(1003.7, 5.0) == 1005.0

@@ -9,7 +9,7 @@ from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
 
-from wg_autopeer.agent.localapi import group_id
+from wg_autopeer.agent.localserver import group_id
 from wg_autopeer.configfile import read_toml
 from wg_autopeer.errors import ConfigError
 from wg_autopeer.wireguard.base import IPNetwork

@@ -25,10 +25,11 @@ from typing import Any
 from wg_autopeer import sdnotify
 from wg_autopeer.agent.config import AgentConfig
 from wg_autopeer.agent.ledger import CachedLedgerStore
-from wg_autopeer.agent.localapi import STATUS_VERSION, as_jsonable
+from wg_autopeer.agent.localapi import STATUS_VERSION
+from wg_autopeer.agent.localserver import as_jsonable
 from wg_autopeer.agent.supervise import Supervisor
 from wg_autopeer.agent.worker import InterfaceStatus, InterfaceWorker
-from wg_autopeer.clock import SYSTEM_CLOCK, Clock, jump_between
+from wg_autopeer.clock import SYSTEM_CLOCK, Clock, jump_between, next_on_grid, sleep_until
 from wg_autopeer.errors import (
     NoSuchInterface,
     WireGuardError,
@@ -117,8 +118,10 @@ class Agent:
         self.stop()
 
     async def _watch_clock(self) -> None:
+        # On the grid the path watches use: with a path active it costs no wake-up.
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(CLOCK_CHECK)
+            await sleep_until(next_on_grid(loop.time(), CLOCK_CHECK))
             self.notice_clock_jump()
 
     def notice_clock_jump(self) -> str | None:

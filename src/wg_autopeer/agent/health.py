@@ -25,10 +25,12 @@ monotonic clock.
 from __future__ import annotations
 
 import enum
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from wg_autopeer.clock import next_on_grid
 from wg_autopeer.wireguard.base import PeerState
 
 HANDSHAKE_TIMEOUT = 10.0
@@ -43,9 +45,52 @@ SUPPRESS_RECENT = 10.0
 # Each agent sends one small datagram per second through every active direct path.
 HEARTBEAT_INTERVAL = 1.0
 # How often paths are looked at: often while one is being proven, so that both
-# sides of a pair move their routes within a fraction of a second of each other.
+# sides of a pair move their routes within a fraction of a second of each other;
+# twice a second while one carries traffic, so that a path that falls silent is
+# seen within half a second of its last received byte (its failure itself is then
+# judged at its exact deadline, see ``NextLook``): at most keepalive + 0.5 s of
+# traffic is lost. While the active paths carry nothing but the agents' own
+# heartbeats, once a second, in the wake-up that sends them: a path dying then
+# costs nothing until traffic starts, and traffic starting on it is lost for at most
+# keepalive + 1 s (its last byte is known to within a second), the bound the path
+# switching benchmark holds either way.
 PENDING_TICK = 0.2
 ACTIVE_TICK = 0.5
+IDLE_TICK = 1.0
+# The agents' own chatter on an idle path, counted both ways: one heartbeat each way
+# each second (96 bytes as a WireGuard data packet) and each side's port-unreachable
+# answer to the other's (112): about 420 bytes a second, up to 560 when a window's
+# edges catch one more of each. Anything above this is someone's traffic (a ping every
+# 100 ms is 2,560 bytes a second both ways).
+IDLE_BYTES_PER_SECOND = 1024.0
+# Rates are taken over windows of three heartbeats, so one more or less at an edge
+# does not make an idle path look busy.
+TRAFFIC_WINDOW = 2.95
+# A deadline look comes this much after the deadline: the verdict wants "longer than".
+DEADLINE_SLACK = 0.02
+
+
+@dataclass(frozen=True)
+class NextLook:
+    """When the path watch must look again (and send its heartbeats), and no sooner.
+
+    ``tick``: look every so many seconds, on the grid of that period shared by every
+    worker (``clock.next_on_grid``), so all interfaces wake together. ``within``: look
+    at the latest that many seconds from now (a silent path reaching its deadline, a
+    suppression running out), off the grid. Neither: only when something changes.
+    """
+
+    tick: float | None = None
+    within: float | None = None
+
+    def due(self, now: float) -> float | None:
+        """The loop time of the next look, or None for none."""
+        candidates: list[float] = []
+        if self.tick is not None:
+            candidates.append(next_on_grid(now, self.tick))
+        if self.within is not None:
+            candidates.append(now + max(0.0, self.within))
+        return min(candidates, default=None)
 
 
 class PathState(enum.Enum):
@@ -141,9 +186,53 @@ class RxWatch:
             return 0.0
         return now - last[1]
 
+    def silent_for(self, public_key: str) -> float | None:
+        """Seconds since the counter last grew, as of now (None: never observed)."""
+        last = self._seen.get(public_key)
+        return None if last is None else self._clock() - last[1]
+
     def restart(self, public_key: str) -> None:
         """Start the silence clock afresh (a path just proven gets a full window)."""
         self._seen.pop(public_key, None)
+
+    def retain(self, public_keys: Iterable[str]) -> None:
+        keep = set(public_keys)
+        for key in [k for k in self._seen if k not in keep]:
+            del self._seen[key]
+
+
+class TrafficWatch:
+    """Whether each direct path carries traffic beyond the agents' own heartbeats.
+
+    Judged from the byte counters (received + sent) over windows of at least
+    ``TRAFFIC_WINDOW``; a path not seen before counts as busy until a window shows
+    otherwise. ``clock`` is injectable (monotonic seconds).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._seen: dict[str, tuple[int, float, bool]] = {}
+
+    def observe(self, public_key: str, rx_bytes: int, tx_bytes: int) -> bool:
+        """Record the counters; True while the path carries someone's traffic."""
+        now = self._clock()
+        total = rx_bytes + tx_bytes
+        last = self._seen.get(public_key)
+        if last is None:
+            self._seen[public_key] = (total, now, True)
+            return True
+        then_total, then, busy = last
+        # A counter that went down belongs to a re-created peer: busy until shown idle.
+        grown = total - then_total if total >= then_total else math.inf
+        if now - then < TRAFFIC_WINDOW:
+            # Traffic starting shows before the window is over: enough bytes for all of it.
+            if grown > IDLE_BYTES_PER_SECOND * TRAFFIC_WINDOW:
+                self._seen[public_key] = (then_total, then, True)
+                return True
+            return busy
+        busy = grown / (now - then) > IDLE_BYTES_PER_SECOND
+        self._seen[public_key] = (total, now, busy)
+        return busy
 
     def retain(self, public_keys: Iterable[str]) -> None:
         keep = set(public_keys)

@@ -11,7 +11,7 @@ there for the message the second one prints.
 when they can be used, else, for a desktop user running the agent through a
 capability-carrying launcher, ``$XDG_STATE_HOME/wg-autopeer`` and
 ``$XDG_RUNTIME_DIR/wg-autopeer``. ``status``, ``sync`` and the tray look for the
-socket in the same places (``control_socket_dirs``).
+socket in the same places (``localapi.control_socket_dirs``, re-exported here).
 """
 
 from __future__ import annotations
@@ -23,12 +23,27 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from wg_autopeer.agent.localapi import (
+    APP,
+    DEFAULT_RUNTIME_DIR,
+    control_socket_dirs,
+    xdg_runtime,
+)
 from wg_autopeer.errors import AlreadyRunning
+
+__all__ = [
+    "APP",
+    "DEFAULT_RUNTIME_DIR",
+    "DEFAULT_STATE_DIR",
+    "LOCK_NAME",
+    "AgentDirs",
+    "InstanceLock",
+    "agent_dirs",
+    "control_socket_dirs",
+]
 
 LOCK_NAME = "agent.lock"
 DEFAULT_STATE_DIR = Path("/var/lib/wg-autopeer")
-DEFAULT_RUNTIME_DIR = Path("/run/wg-autopeer")
-APP = "wg-autopeer"
 
 
 class InstanceLock:
@@ -85,11 +100,6 @@ def _xdg_state(env: Mapping[str, str]) -> Path | None:
     return Path(base) / APP if base else None
 
 
-def _xdg_runtime(env: Mapping[str, str]) -> Path | None:
-    base = env.get("XDG_RUNTIME_DIR")
-    return Path(base) / APP if base else None
-
-
 def agent_dirs(
     state_dir: Path,
     runtime_dir: Path,
@@ -104,7 +114,7 @@ def agent_dirs(
     chosen: list[Path] = []
     for given, default, fallback, what in (
         (state_dir, DEFAULT_STATE_DIR, _xdg_state(env), "state"),
-        (runtime_dir, DEFAULT_RUNTIME_DIR, _xdg_runtime(env), "runtime"),
+        (runtime_dir, DEFAULT_RUNTIME_DIR, xdg_runtime(env), "runtime"),
     ):
         if given == default and not usable(given) and fallback is not None and usable(fallback):
             notes.append(f"cannot use {given} (not root?): {what} files go to {fallback}")
@@ -112,13 +122,3 @@ def agent_dirs(
         else:
             chosen.append(given)
     return AgentDirs(chosen[0], chosen[1], tuple(notes))
-
-
-def control_socket_dirs(runtime_dir: Path, env: Mapping[str, str] | None = None) -> list[Path]:
-    """Where ``status``, ``sync`` and the tray look for the agent's socket, in order."""
-    env = os.environ if env is None else env
-    dirs = [runtime_dir]
-    fallback = _xdg_runtime(env)
-    if runtime_dir == DEFAULT_RUNTIME_DIR and fallback is not None:
-        dirs.append(fallback)
-    return dirs

@@ -24,17 +24,22 @@ from wg_autopeer.agent.backoff import Backoff
 from wg_autopeer.agent.client import PeeringClient
 from wg_autopeer.agent.health import (
     ACTIVE_TICK,
+    DEADLINE_SLACK,
     HEARTBEAT_INTERVAL,
+    IDLE_TICK,
     PENDING_TICK,
+    NextLook,
     PathState,
     RxWatch,
     Suppressions,
+    TrafficWatch,
     judge,
 )
 from wg_autopeer.agent.ledger import InterfaceLedger, LedgerPeer
 from wg_autopeer.agent.reconcile import Plan, apply, keep_working_endpoints, plan, removal_plan
 from wg_autopeer.agent.safety import DirectPeer, SafetyContext, filter_offers
 from wg_autopeer.agent.tunnel import Tunnel, find_hub, find_tunnel
+from wg_autopeer.clock import GRID_SLACK, next_on_grid
 from wg_autopeer.errors import (
     NoSuchInterface,
     ServerError,
@@ -114,6 +119,7 @@ class InterfaceWorker:
         # Keys whose direct path is proven: only they get the neighbour's routes.
         self.proven: set[str] = set()
         self.rx_watch = RxWatch(clock.monotonic)
+        self.traffic = TrafficWatch(clock.monotonic)
         # Set whenever direct peers were added or changed: the path watch looks at once.
         self.paths_changed = asyncio.Event()
         # Wall-clock time from which every path's grace runs at least (see restart_paths).
@@ -506,27 +512,32 @@ class InterfaceWorker:
     # -- direct paths -------------------------------------------------------------
 
     async def watch_paths(self) -> None:
-        """Look at the direct paths as often as their state needs, and no more often:
-        sub-second while one is being proven, each half second while one carries
-        traffic (and send the heartbeats), not at all while there is none."""
+        """Look at the direct paths when something is due, and only then: on a 0.2 s
+        grid while one is being proven, on a 0.5 s grid while one carries traffic, on
+        the 1 s grid of the heartbeats (in the same wake-up) while the active ones carry
+        only heartbeats, at a silent path's exact deadline, when a suppression runs out;
+        not at all while there is none. Every worker uses the same grids, so the
+        interfaces' looks share their wake-ups (see health.py for the figures)."""
+        loop = asyncio.get_running_loop()
         next_heartbeat = 0.0
         while True:
             self.paths_changed.clear()
-            delay: float | None = None
+            due: float | None = None
             if self.agent.enabled and self.agent.snapshot.lan_uplinks():
                 try:
-                    delay = await self.check_paths()
+                    due = (await self.check_paths()).due(loop.time())
                 except WireGuardError as exc:
                     log.debug("%s: path check failed: %s", self.interface, exc)
-                    delay = ACTIVE_TICK
+                    due = next_on_grid(loop.time(), ACTIVE_TICK)
             if self._active_routes():
-                now = self.agent.clock.monotonic()
-                if now >= next_heartbeat:
+                now = loop.time()
+                # A look woken at the grid instant may read the clock a hair before it.
+                if now >= next_heartbeat - GRID_SLACK:
                     self._send_heartbeats()
-                    next_heartbeat = now + HEARTBEAT_INTERVAL
-                delay = min(delay or ACTIVE_TICK, max(0.0, next_heartbeat - now))
+                    next_heartbeat = next_on_grid(now, HEARTBEAT_INTERVAL)
+                due = next_heartbeat if due is None else min(due, next_heartbeat)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
+                async with asyncio.timeout_at(due):
                     await self.paths_changed.wait()
 
     def restart_paths(self) -> None:
@@ -536,6 +547,7 @@ class InterfaceWorker:
         self.proven.clear()
         self._grace_from = self.agent.clock.wall()
         self.rx_watch.retain(())
+        self.traffic.retain(())
         self.paths_changed.set()
 
     def _active_routes(self) -> list[IPAddress]:
@@ -576,10 +588,9 @@ class InterfaceWorker:
         self._heartbeat_sockets[family] = sock
         return sock
 
-    async def check_paths(self) -> float | None:
+    async def check_paths(self) -> NextLook:
         """Judge every direct path; move the routes of proven ones onto them, take the
-        routes of failed ones back to the hub. Returns when to look again (None:
-        only when something changes)."""
+        routes of failed ones back to the hub. Returns when to look again."""
         # Ledger and device are read under the apply lock: an apply writes the ledger
         # first and the device next, so in between a peer being added would look as if
         # something had taken it off the device, and fail for nothing.
@@ -587,7 +598,7 @@ class InterfaceWorker:
             ledger = self._ledger()
             if not len(ledger) and not self.accepted:
                 self.status.direct_peers = []
-                return None
+                return NextLook()
             # An empty ledger with accepted offers still goes on: a peer whose suppression
             # ran out is re-added below, even when it was the only one (the server's answer
             # has not changed, so no new answer would bring it back).
@@ -595,6 +606,7 @@ class InterfaceWorker:
         config = self.agent.config
         now = self.agent.clock.wall()
         changed = False
+        busy = False
         peers: list[DirectPeerStatus] = []
         states: list[PathState] = []
         for entry in ledger:
@@ -620,6 +632,8 @@ class InterfaceWorker:
             elif verdict.routable and routed:
                 # Keeps the pair "recently healthy": a failure now is retried soon.
                 self.suppressions.record_healthy(entry.public_key)
+                if state is not None and entry.endpoint is not None:
+                    busy |= self.traffic.observe(entry.public_key, state.rx_bytes, state.tx_bytes)
             elif verdict.routable and not routed:
                 changed = True
                 self.proven.add(entry.public_key)
@@ -648,6 +662,7 @@ class InterfaceWorker:
             )
         self.status.direct_peers = peers
         self.rx_watch.retain(ledger.peers.keys())
+        self.traffic.retain(ledger.peers.keys())
         # A peer whose suppression ran out comes back here: the server's answer has not
         # changed, so no new answer would bring it back.
         returning = any(
@@ -657,20 +672,36 @@ class InterfaceWorker:
         if changed or returning:
             await self.reconcile(self._hub_key(device))
         if changed or PathState.PENDING in states:
-            return PENDING_TICK
+            return NextLook(PENDING_TICK)
         if PathState.PASSIVE in states:
             # A passive peer is proven by the neighbour's handshake, which may come
             # whenever the neighbour learns of us: watch closely at first, then calmly.
             young = any(
                 e.endpoint is None and now - e.added_at < self._handshake_timeout() for e in ledger
             )
-            return PENDING_TICK if young else ACTIVE_TICK
-        if PathState.ACTIVE in states:
-            return ACTIVE_TICK
+            if young:
+                return NextLook(PENDING_TICK)
+        if PathState.ACTIVE in states or PathState.PASSIVE in states:
+            # A passive path is judged by its handshake's age: a second is close enough.
+            tick = ACTIVE_TICK if busy else IDLE_TICK
+            return NextLook(tick, self._first_deadline(ledger))
         # Nothing on the device; a suppression running out brings a peer back.
         remaining = [self.suppressions.remaining(p.public_key) for p in self.accepted]
         waiting = [r for r in remaining if r > 0]
-        return min(waiting) if waiting else None
+        return NextLook(within=min(waiting) if waiting else None)
+
+    def _first_deadline(self, ledger: InterfaceLedger) -> float | None:
+        """Seconds until the first routed, non-passive path has been silent for longer
+        than the keepalive: it is judged then, not up to a tick later."""
+        dead_after = self.agent.config.persistent_keepalive
+        left = [
+            dead_after - silent + DEADLINE_SLACK
+            for entry in ledger
+            if entry.endpoint is not None and entry.public_key in self.proven
+            for silent in [self.rx_watch.silent_for(entry.public_key)]
+            if silent is not None
+        ]
+        return min(left, default=None)
 
     def _status_after(self, ledger: InterfaceLedger) -> None:
         """Make ``status`` show what was just applied, before the path watch looks: a

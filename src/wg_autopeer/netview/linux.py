@@ -1,7 +1,10 @@
 """Linux network view over rtnetlink (pyroute2's asyncio API).
 
 Netlink events are only wake-ups: after a burst of them settles, the full state
-is re-read and compared with the previous snapshot (see ``diff_snapshots``).
+is re-read and compared with the previous snapshot (see ``diff_snapshots``). A
+UAPI socket appearing in or leaving the socket dir (wireguard-go starting or
+stopping) is a wake-up too, through inotify; nothing is re-read on a timer unless
+the socket dir cannot be watched.
 Runs in the network namespace of the process, or in a named one (``netns=``),
 which is how the lab tests watch a client namespace from the test process.
 """
@@ -19,6 +22,8 @@ from ipaddress import ip_address, ip_interface
 from pathlib import Path
 from typing import Any, TypeVar
 
+from inotify_simple import INotify
+from inotify_simple import flags as inotify_flags
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import (
@@ -67,6 +72,14 @@ _OPER_UP = frozenset({"UP", "UNKNOWN"})
 _SCOPES = {0: "global", 200: "site", 253: "link", 254: "host"}
 
 _TUN_RECHECK = 0.5
+# A socket made, removed or renamed in the socket dir; the dir itself going away.
+_SOCKET_DIR_EVENTS = (
+    inotify_flags.CREATE
+    | inotify_flags.DELETE
+    | inotify_flags.MOVED_TO
+    | inotify_flags.MOVED_FROM
+    | inotify_flags.DELETE_SELF
+)
 
 _T = TypeVar("_T")
 
@@ -193,12 +206,14 @@ class LinuxNetView(NetView):
         try:
             # Subscribe before the baseline read, so nothing falls between the two.
             await stream.start()
+            stream.watching_sockets(self.socket_dir)
             previous = await self.snapshot()
             self.listening.set()
             recheck = False
             while True:
-                timeout = self.resync
-                if recheck:
+                watching = stream.watching_sockets(self.socket_dir)
+                timeout = None if watching else self.resync
+                if recheck and not watching:
                     # wireguard-go makes its tun link a moment before its UAPI socket, and
                     # the socket appearing sends no netlink event: look again soon.
                     timeout = min(timeout or _TUN_RECHECK, _TUN_RECHECK)
@@ -246,6 +261,55 @@ class _EventStream:
         self._task: asyncio.Task[None] | None = None
         self._error: NetViewError | None = None
         self._stopped = False
+        self._inotify: INotify | None = None
+
+    def watching_sockets(self, directory: Path) -> bool:
+        """Wake up when a UAPI socket appears in or leaves ``directory`` (inotify).
+
+        True while it is watched. The dir is made by the first wireguard-go to start,
+        so a missing one is tried again at each call (the caller re-reads on a timer
+        meanwhile); so is one whose watch ended (the dir was removed).
+        """
+        if self._inotify is not None:
+            return True
+        if self._stopped:
+            return False
+        try:
+            watch = INotify(nonblocking=True)
+        except OSError as exc:
+            log.debug("no inotify (%s): UAPI sockets are looked for on a timer", exc)
+            return False
+        try:
+            watch.add_watch(str(directory), _SOCKET_DIR_EVENTS)
+        except OSError:
+            # Not there yet (no wireguard-go has started) or no watch left.
+            watch.close()
+            return False
+        asyncio.get_running_loop().add_reader(watch.fileno(), self._on_socket_dir)
+        self._inotify = watch
+        return True
+
+    def _on_socket_dir(self) -> None:
+        watch = self._inotify
+        if watch is None:
+            return
+        try:
+            events = watch.read(timeout=0)
+        except OSError:
+            events = []
+        if any(e.mask & inotify_flags.IGNORED for e in events):
+            # The dir itself went: watch it again once it is back.
+            self._unwatch_sockets()
+            self._wake.set()
+        elif any(e.name.endswith(".sock") for e in events):
+            self._wake.set()
+
+    def _unwatch_sockets(self) -> None:
+        watch, self._inotify = self._inotify, None
+        if watch is not None:
+            with contextlib.suppress(ValueError, RuntimeError):
+                asyncio.get_running_loop().remove_reader(watch.fileno())
+            watch.close()
 
     async def start(self) -> None:
         ipr = self._opener(_GROUPS)
@@ -314,6 +378,7 @@ class _EventStream:
 
     async def stop(self) -> None:
         self._stopped = True
+        self._unwatch_sockets()
         self._wake.set()
         task, self._task = self._task, None
         if task is not None:
