@@ -284,9 +284,8 @@ class Coordinator:
         writes = self.registry.writes
         if writes is not None and writes.failing is not None:
             return f"registry store failing: {writes.failing.reason}"
-        if self.shared is not None and not self.feed_up:
-            reason = self.feed_error.reason if self.feed_error is not None else "connecting"
-            return f"registry change feed down: {reason}"
+        if self.shared is not None and not self.feed_up and self.feed_error is not None:
+            return f"registry change feed down: {self.feed_error.reason}"
         return None
 
     def learn(self, rows: list[Registration], scope: set[str]) -> None:
