@@ -93,6 +93,10 @@ class Coordinator:
         self._recheck: set[str] = set()
         self._purged_at = monotonic()
         self._resyncing: asyncio.Task[None] | None = None
+        # One read of the shared store at a time, each learnt before the next starts: a
+        # read that began earlier (a resync's snapshot) must not undo what a later one
+        # (a notified group's re-read) learnt.
+        self._store_reads = asyncio.Lock()
         # Handshake deadlines of registered clients: (latest handshake + max age, key), at
         # most one entry per key; a newer handshake just moves the key on when it comes due.
         self._handshakes: list[tuple[float, str]] = []
@@ -298,6 +302,9 @@ class Coordinator:
                 continue
             present.add(row.pubkey)
             current = self.registry.get(row.pubkey)
+            if current is not None and row.expires_at < current.expires_at:
+                # An older report than the one known here: the store has moved on since.
+                continue
             if current is not None and row.pubkey not in self.registry.learnt:
                 # Ours, as reported to this instance; another report, later and different
                 # (the client moved to another hub or instance), takes it over.
@@ -324,19 +331,21 @@ class Coordinator:
                     scope |= self.registry.members(parse_group_text(text))
                 except ValueError:
                     log.warning("ignoring a change notification for group %r", text)
-            try:
-                rows = await asyncio.to_thread(self.shared.load_groups, groups)
-            except StoreError as exc:
-                # The feed reconnects and re-reads everything.
-                log.warning("re-reading %d changed groups failed: %s", len(groups), exc)
-                return
-            self.learn(rows, scope)
+            async with self._store_reads:
+                try:
+                    rows = await asyncio.to_thread(self.shared.load_groups, groups)
+                except StoreError as exc:
+                    # The feed reconnects and re-reads everything.
+                    log.warning("re-reading %d changed groups failed: %s", len(groups), exc)
+                    return
+                self.learn(rows, scope)
 
     async def resync(self) -> None:
         """Re-read every stored registration (the feed reconnected: changes were missed)."""
         assert self.shared is not None
-        rows = await asyncio.to_thread(self.shared.load_all)
-        self.learn(rows, set(self.registry.learnt))
+        async with self._store_reads:
+            rows = await asyncio.to_thread(self.shared.load_all)
+            self.learn(rows, set(self.registry.learnt))
 
     async def recheck_learnt(self) -> None:
         """Learnt registrations that ran out here: their owner may have pushed their expiry
@@ -344,12 +353,13 @@ class Coordinator:
         if not self._recheck or self.shared is None:
             return
         keys, self._recheck = self._recheck, set()
-        try:
-            rows = await asyncio.to_thread(self.shared.load_keys, keys)
-        except StoreError as exc:
-            log.warning("re-reading %d expired registrations failed: %s", len(keys), exc)
-            rows = []
-        self.learn(rows, keys)
+        async with self._store_reads:
+            try:
+                rows = await asyncio.to_thread(self.shared.load_keys, keys)
+            except StoreError as exc:
+                log.warning("re-reading %d expired registrations failed: %s", len(keys), exc)
+                rows = []
+            self.learn(rows, keys)
 
     async def follow_store(self) -> None:
         """Until cancelled: follow the shared store's change feed, reconnecting with
@@ -359,6 +369,8 @@ class Coordinator:
 
         def connected() -> None:
             nonlocal delay
+            if self.feed_error is not None:
+                log.warning("registry change feed back; re-reading the registry")
             self.feed_up, self.feed_error, delay = True, None, RETRY_MIN_S
             self._resyncing = asyncio.create_task(self._resync_logged(), name="store-resync")
 
@@ -369,6 +381,11 @@ class Coordinator:
                 if self.feed_up or self.feed_error is None:
                     log.error("registry change feed down, serving from memory: %s", exc)
                 self.feed_up, self.feed_error = False, exc
+            except Exception as exc:
+                # A bug must not end the feed for good: logged, and the feed restarts.
+                log.exception("registry change feed failed")
+                self.feed_up = False
+                self.feed_error = StoreError(self.shared.location, f"bug: {exc!r}")
             await asyncio.sleep(delay)
             delay = min(RETRY_MAX_S, 2 * delay)
 

@@ -172,6 +172,8 @@ class SharedStore(RegistrationStore):
     registrations from it, and is told which LAN groups they changed."""
 
     blocking = True
+    # Where it is, for messages (a URL without its password).
+    location = ""
 
     @abc.abstractmethod
     def load_groups(self, groups: Collection[str]) -> list[Registration]:
