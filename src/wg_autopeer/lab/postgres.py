@@ -104,6 +104,11 @@ class PostgresServer:
     def url(self, dbname: str = "postgres") -> str:
         return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{dbname}"
 
+    def socket_url(self, dbname: str) -> str:
+        """The URL through the server's unix socket: reachable from every network
+        namespace (a lab's hub has a loopback of its own)."""
+        return f"postgresql://{SUPERUSER}@/{dbname}?host={self.root}&port={self.port}"
+
     def _as_owner(self, *argv: str) -> list[str]:
         if os.geteuid() != 0:
             return list(argv)
