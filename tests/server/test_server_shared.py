@@ -11,6 +11,8 @@ import argparse
 import asyncio
 import os
 import sqlite3
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -23,7 +25,7 @@ import pytest
 from server_fakes import ALICE, BOB, CAROL, HUB_IF, JSON, Client, Clock, Hub, curl_body, entry
 
 from wg_autopeer.errors import ConfigError
-from wg_autopeer.lab.postgres import PostgresServer
+from wg_autopeer.lab.postgres import PostgresServer, free_port
 from wg_autopeer.protocol import PATH
 from wg_autopeer.server.command import resolve_config
 from wg_autopeer.server.config import ServerConfig
@@ -359,3 +361,17 @@ async def test_the_server_refuses_a_report_body_the_same_way_over_postgresql(
             bad = await http.post(PATH, content=curl_body(entry(BOB)), headers=JSON)
         assert bad.status_code == 403
         assert hub.store.load_all() == []
+
+
+def test_the_server_command_stops_with_a_clear_error_when_the_database_is_unreachable() -> None:
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "wg_autopeer", "server", "--interface", "lo",
+            "--listen", f"127.0.0.1:{free_port()}", "--hub", "h",
+            "--db", "postgresql://wg:s3cret@127.0.0.1:1/registry",
+        ],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "postgresql://wg:***@127.0.0.1:1/registry: cannot reach PostgreSQL" in done.stderr
+    assert "s3cret" not in done.stderr

@@ -187,7 +187,10 @@ class Coordinator:
         proving = [
             offer.pubkey
             for offer in offered
-            if (other := self.registry.get(offer.pubkey)) is not None
+            # A neighbour served by another instance (learnt) is answered there: this
+            # one cannot tell when, so it is not waited for.
+            if offer.pubkey not in self.registry.learnt
+            and (other := self.registry.get(offer.pubkey)) is not None
             and any(lan.listen_port is not None for lan in other.lans)
         ]
         if not proving:
