@@ -1,15 +1,17 @@
-"""Two server processes on one hub, one PostgreSQL registry, real wireguard-go and agents.
+"""Several servers over one PostgreSQL registry, real wireguard-go and agents.
 
-alice's agent talks to one server process, bob's to the other: each process knows its
-caller only through the hub's WireGuard, and learns the other's client through the
-database. The two must still peer directly. PostgreSQL is the session's, reached from
-the hub's namespace through its unix socket.
+Two server processes on one hub, and two hubs (each its own WireGuard device, key and
+port, one tunnel address plan) with a server each: alice's agent talks to one server,
+bob's to the other. Each server knows its caller only through its own hub's WireGuard,
+and learns the other's client through the database; the two must still peer directly.
+PostgreSQL is the session's, reached from the hub's namespace through its unix socket.
 """
 
 from __future__ import annotations
 
 import json
 
+import psycopg
 import pytest
 
 from labkit import LabFactory
@@ -51,4 +53,34 @@ def test_clients_of_two_server_processes_on_one_hub_peer_directly(
     for port in (SERVER_PORT, SECOND_PORT):
         assert wait_for(lambda port=port: health(lab, port).get("registered_clients") == 2, 5)
         assert health(lab, port)["degraded"] is None
+    assert lab.ping("alice", lab.tunnel_ip("bob"), timeout=1.0)
+
+
+def test_clients_of_two_hubs_on_one_lan_peer_directly(
+    lab_factory: LabFactory, postgres_server: PostgresServer
+) -> None:
+    lab = lab_factory(base="pgh")
+    name = f"lab_{lab.prefix}"
+    postgres_server.create_database(name)
+    db = postgres_server.socket_url(name)
+    # bob now connects to hub B: a device of its own, his peer gone from hub A.
+    hub_b = lab.add_second_hub("b", 51821, ["bob"])
+    assert lab.device("hub").peer(lab.public_key("bob")) is None
+    start_server(lab, "--db", db, "--hub", "hub-a", log_name="server-a")
+    start_server(
+        lab, "--db", db, "--hub", "hub-b", interface=hub_b, port=SECOND_PORT, log_name="server-b"
+    )
+    hub = lab.tunnel_ip("hub")
+    start_agent(lab, "alice", "--server", f"http://{hub}:{SERVER_PORT}{PATH}")
+    start_agent(lab, "bob", "--server", f"http://{hub}:{SECOND_PORT}{PATH}")
+
+    assert wait_for(lambda: direct_both_ways(lab, "alice", "bob"), timeout=20), (
+        "alice (hub A) and bob (hub B), on one LAN, did not peer directly"
+    )
+    for port in (SERVER_PORT, SECOND_PORT):
+        assert wait_for(lambda port=port: health(lab, port).get("registered_clients") == 2, 5)
+    # Each registration names the hub whose WireGuard vouched for the caller.
+    with psycopg.connect(db) as conn:
+        rows = dict(conn.execute("SELECT pubkey, hub FROM registrations").fetchall())
+    assert rows == {lab.public_key("alice"): "hub-a", lab.public_key("bob"): "hub-b"}
     assert lab.ping("alice", lab.tunnel_ip("bob"), timeout=1.0)
