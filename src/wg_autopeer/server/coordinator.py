@@ -376,6 +376,8 @@ class Coordinator:
                 log.warning("registry change feed back; re-reading the registry")
             self.feed_up, self.feed_error, delay = True, None, RETRY_MIN_S
             self._resyncing = asyncio.create_task(self._resync_logged(), name="store-resync")
+            if self.registry.writes is not None:
+                self.registry.writes.retry_now()
 
         while True:
             try:

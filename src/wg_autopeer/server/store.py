@@ -42,9 +42,10 @@ SQLITE_MIGRATIONS: tuple[tuple[str, ...], ...] = (
 SCHEMA_VERSION = len(SQLITE_MIGRATIONS)
 # Expiry refreshes of unchanged reports are written at most this often.
 REFRESH_WRITE_S = 10.0
-# After a failed write, retry after this long, doubling up to RETRY_MAX_S.
+# After a failed write, retry after this long, doubling up to RETRY_MAX_S: a retry is
+# one connection attempt, and the longest wait is how late an outage's writes land.
 RETRY_MIN_S = 1.0
-RETRY_MAX_S = 30.0
+RETRY_MAX_S = 10.0
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 # "scheme:" (two letters at least, so a drive letter is no scheme).
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
@@ -490,6 +491,13 @@ class GroupCommit:
                 self._writer = asyncio.create_task(self._write_in_thread(), name="store-write")
         else:
             self.flush()
+
+    def retry_now(self) -> None:
+        """The store is known to work again (its change feed reconnected): retry the
+        failed writes now rather than at the end of their back-off."""
+        if self.failing is not None:
+            self._retry_at = 0.0
+            self.flush_due()
 
     def flush(self) -> None:
         """Write everything queued now, in one transaction, on this thread (shutdown)."""
