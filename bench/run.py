@@ -25,6 +25,7 @@ from wg_autopeer.lab import lab_unavailable_reason
 # Run order: the CPU-heavy server part first, the lab parts after it.
 PARTS = (
     "server_scale",
+    "shared_registry",
     "convergence",
     "fallback",
     "pathswitch",

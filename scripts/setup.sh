@@ -11,7 +11,10 @@ apt_packages=(wireguard-go wireguard-tools iproute2 nftables iputils-ping iperf3
               # for screenshots), each its own StatusNotifierWatcher, on a private bus.
               xfce4-panel xfconf dbus-daemon sway waybar grim
               # scripts/vm.sh: the kernel tests boot Debian's kernel under qemu
-              qemu-system-x86 busybox-static cpio)
+              qemu-system-x86 busybox-static cpio
+              # The shared registry's tests and benchmark start their own PostgreSQL
+              # (wg_autopeer.lab.postgres) from /usr/lib/postgresql/*/bin.
+              postgresql)
 missing=()
 for pkg in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -8,6 +8,7 @@ module they are skipped too (scripts/test.sh runs them in a VM that has it).
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from wg_autopeer.lab import (
     list_namespaces,
 )
 from wg_autopeer.lab.lab import read_state
+from wg_autopeer.lab.postgres import PostgresServer, postgres_unavailable_reason
 
 LAB_UNAVAILABLE = lab_unavailable_reason()
 requires_root = pytest.mark.skipif(
@@ -90,3 +92,27 @@ def lab_factory(tmp_path: Path) -> Iterator[LabFactory]:
 def lab(lab_factory: LabFactory) -> Lab:
     """The default topology (hub, r1/lan1 with alice+bob, r2/lan2 with carol), up, own prefix."""
     return lab_factory()
+
+
+# -- a real PostgreSQL, one server per session, one database per test -----------------------
+
+POSTGRES_UNAVAILABLE = postgres_unavailable_reason()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL server on loopback for the whole session, stopped by its PID after."""
+    if POSTGRES_UNAVAILABLE is not None:
+        pytest.skip(POSTGRES_UNAVAILABLE)
+    server = PostgresServer.create()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def pg_url(postgres_server: PostgresServer) -> str:
+    """The URL of a new, empty database of its own for this test."""
+    return postgres_server.create_database(f"t_{secrets.token_hex(6)}")

@@ -15,10 +15,29 @@ from fastapi import FastAPI
 from server_fakes import ALICE, BOB, CAROL, HUB_IF, JSON, Hub, curl_body, entry
 
 from wg_autopeer.protocol import MAX_BODY_BYTES, PATH
+from wg_autopeer.server.pgstore import PostgresStore
 from wg_autopeer.server.store import RegistrationStore, SqliteStore
 from wg_autopeer.wireguard.base import Endpoint
 
 pytestmark = pytest.mark.asyncio
+
+StoreOpener = Callable[[], RegistrationStore]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def open_store(request: pytest.FixtureRequest, db_path: Path) -> StoreOpener:
+    """Opens a store on the same data each time it is called: a SQLite file, or one
+    PostgreSQL database of this test's own (the session's server)."""
+    if request.param == "sqlite":
+        return lambda: SqliteStore(db_path)
+    url: str = request.getfixturevalue("pg_url")
+    return lambda: PostgresStore(url, hub="")
+
+
+@pytest.fixture
+def hub(hub_factory: Callable[[RegistrationStore], Hub], open_store: StoreOpener) -> Hub:
+    """The app tests run over each store."""
+    return hub_factory(open_store())
 
 
 def peer_keys(response: httpx.Response) -> list[str]:
@@ -399,14 +418,14 @@ async def test_registration_expires_after_its_ttl(hub: Hub, app: FastAPI) -> Non
 
 
 async def test_restarted_server_answers_from_the_stored_registrations(
-    hub_factory: Callable[[RegistrationStore], Hub], db_path: Path
+    hub_factory: Callable[[RegistrationStore], Hub], open_store: StoreOpener
 ) -> None:
-    before = hub_factory(SqliteStore(db_path))
+    before = hub_factory(open_store())
     first = before.app()
     await before.post(first, ALICE)
     before.store.close()
 
-    after = hub_factory(SqliteStore(db_path))
+    after = hub_factory(open_store())
     after.clock.now = before.clock.now + 10
     after.handshake_all()
     second = after.app()
@@ -415,13 +434,13 @@ async def test_restarted_server_answers_from_the_stored_registrations(
 
 
 async def test_restarted_server_drops_stored_clients_that_roamed_meanwhile(
-    hub_factory: Callable[[RegistrationStore], Hub], db_path: Path
+    hub_factory: Callable[[RegistrationStore], Hub], open_store: StoreOpener
 ) -> None:
-    before = hub_factory(SqliteStore(db_path))
+    before = hub_factory(open_store())
     await before.post(before.app(), ALICE)
     before.store.close()
 
-    after = hub_factory(SqliteStore(db_path))
+    after = hub_factory(open_store())
     after.wg.update_peer(HUB_IF, ALICE.key, endpoint=Endpoint(ip_address("192.0.2.77"), 5))
     second = after.app()
     assert peer_keys(await after.post(second, BOB)) == []
@@ -517,14 +536,14 @@ async def test_unchanged_report_writes_nothing_to_the_store(
 
 
 async def test_an_answered_registration_survives_a_crash(
-    hub_factory: Callable[[RegistrationStore], Hub], db_path: Path
+    hub_factory: Callable[[RegistrationStore], Hub], open_store: StoreOpener
 ) -> None:
-    hub = hub_factory(SqliteStore(db_path))
+    hub = hub_factory(open_store())
     app = hub.app()
     assert (await hub.post(app, ALICE)).status_code == 200
     assert (await hub.post(app, BOB)).status_code == 200
-    # No shutdown, no flush: another connection reads what is on disk right now.
-    crashed = SqliteStore(db_path)
+    # No shutdown, no flush: another connection reads what is stored right now.
+    crashed = open_store()
     try:
         assert {r.pubkey for r in crashed.load_all()} == {ALICE.key, BOB.key}
     finally:

@@ -40,6 +40,7 @@ from typing import Any
 from wg_autopeer.errors import LabError
 from wg_autopeer.lab.topology import (
     CLIENT_LAN_IF,
+    IFNAMSIZ,
     ROUTER_LAN_IF,
     SWITCH_HOST,
     WAN_BRIDGE,
@@ -1081,6 +1082,58 @@ class Lab:
                     f" {list(spec.clients)} within {_HANDSHAKE_TIMEOUT:g} s"
                 )
         return spec
+
+    def add_second_hub(self, name: str, listen_port: int, clients: Iterable[str]) -> str:
+        """A second hub sharing the lab's tunnel address plan: its own WireGuard device
+        (own key, ``listen_port``) in the hub's namespace, with the hub's tunnel address;
+        each of ``clients`` moves from the first hub to it (its peer there removed, its
+        tunnel address routed to the new device, its only peer now the new hub).
+
+        Two hubs in one namespace, not two namespaces: what the servers see is the same
+        (each hub's own WireGuard knows its own clients). Returns the device's name.
+        """
+        self._require_up()
+        hub = self.topology.hub
+        iface = f"{self.topology.wg_interface(hub.name)}-{name}"
+        key_name = f"{hub.name}-{name}"
+        if len(iface) > IFNAMSIZ or not (name.isascii() and name.isalnum()):
+            raise LabError(f"lab {self.prefix}: bad second hub name {name!r} ({iface})")
+        self._start_wireguard(
+            hub.name, IPv4Interface(f"{hub.tunnel.ip}/32"), listen_port,
+            iface=iface, key_name=key_name,
+        )  # fmt: skip
+        new_key = self._state.public_keys[key_name]
+        old_key = self.public_key(hub.name)
+        moved = list(clients)
+        for host in moved:
+            address = self.tunnel_ip(host)
+            client_if = self.wg_interface(host)
+            self.run(hub.name, "wg", "set", self.wg_interface(hub.name),
+                     "peer", self.public_key(host), "remove")  # fmt: skip
+            self.run(hub.name, "wg", "set", iface,
+                     "peer", self.public_key(host), "allowed-ips", f"{address}/32")  # fmt: skip
+            self.run(hub.name, "ip", "route", "replace", f"{address}/32", "dev", iface)
+            self.run(host, "wg", "set", client_if, "peer", old_key, "remove")
+            peer_args = ["peer", new_key, "allowed-ips", str(hub.tunnel.network),
+                         "endpoint", f"{hub.wan.ip}:{listen_port}"]  # fmt: skip
+            keepalive = self.topology.client(host).keepalive
+            if keepalive is not None:
+                peer_args += ["persistent-keepalive", str(keepalive)]
+            self.run(host, "wg", "set", client_if, *peer_args)
+            # A first handshake now: the server identifies callers by it.
+            self.ping(host, hub.tunnel.ip, timeout=1.0)
+
+        def all_seen() -> bool:
+            device = parse_wg_dump(iface, self.run(hub.name, "wg", "show", iface, "dump").stdout)
+            return all(
+                (peer := device.peer(self.public_key(h))) is not None
+                and peer.latest_handshake is not None
+                for h in moved
+            )
+
+        if not wait_for(all_seen, _HANDSHAKE_TIMEOUT, interval=0.05):
+            raise LabError(f"lab {self.prefix}: {iface} saw no handshake from {moved}")
+        return iface
 
     # ---------------------------------------------------------------- building blocks
 

@@ -27,12 +27,15 @@ def start_server(
     log_name: str = "server",
     interface: str | None = None,
     address: IPv4Address | None = None,
+    port: int = SERVER_PORT,
     timeout: float = 15.0,
 ) -> subprocess.Popen[bytes]:
     """Start ``wg-autopeer server`` on the hub and wait until it answers /healthz.
 
     By default it serves the hub's first WireGuard device on its tunnel address;
-    ``interface`` and ``address`` pick another device (e.g. one from ``add_tunnel``).
+    ``interface`` and ``address`` pick another device (e.g. one from ``add_tunnel``),
+    ``port`` another port (a second server process on one hub). ``extra`` arguments
+    come last (a later ``--db`` wins over the default ``:memory:``).
     ``timeout`` bounds the wait (a slow machine, or an emulated one, needs longer).
     """
     hub = lab.topology.hub.name
@@ -50,7 +53,7 @@ def start_server(
                 "--db",
                 ":memory:",
                 "--listen",
-                f"{address}:{SERVER_PORT}",
+                f"{address}:{port}",
                 *extra,
             ],
             log_name=log_name,
@@ -63,7 +66,7 @@ def start_server(
         )
     healthz = lab.run(
         hub, "curl", "-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}",
-        f"http://{address}:{SERVER_PORT}/healthz", check=False,
+        f"http://{address}:{port}/healthz", check=False,
     )  # fmt: skip
     if healthz.stdout.strip() != "200":
         raise RuntimeError(

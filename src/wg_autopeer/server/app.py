@@ -45,7 +45,7 @@ from wg_autopeer.server.identity import HubPeer, normalise_source
 from wg_autopeer.server.matching import Registration, ReportedLan
 from wg_autopeer.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from wg_autopeer.server.metrics import ServerMetrics
-from wg_autopeer.server.store import RegistrationStore, SqliteStore
+from wg_autopeer.server.store import RegistrationStore, open_store
 from wg_autopeer.wireguard.base import IPAddress, WireGuardControl
 
 log = logging.getLogger(__name__)
@@ -285,13 +285,14 @@ def create_app(
 ) -> FastAPI:
     """The server app for hub interface ``config.interface``.
 
-    ``store`` defaults to ``SqliteStore(config.db)``, owned and closed by the app.
+    ``store`` defaults to ``open_store(config.db)`` (SQLite or PostgreSQL), owned and
+    closed by the app.
     ``reader`` defaults to the reader matching ``control`` (``hubread.reader_for``). The
     background refresh runs in the app's lifespan; ``app.state.coordinator`` exposes
     the core (tests drive ``tick()`` themselves).
     """
     owned_store = store is None
-    the_store = SqliteStore(config.db) if store is None else store
+    the_store = open_store(config.db, hub=config.hub) if store is None else store
     core = Coordinator(
         config, control, store=the_store, clock=clock, monotonic=monotonic, reader=reader
     )
@@ -302,6 +303,8 @@ def create_app(
             asyncio.create_task(core.run(), name="hub-refresh"),
             asyncio.create_task(core.metrics.probe_loop_lag(), name="loop-lag-probe"),
         ]
+        if core.shared is not None:
+            tasks.append(asyncio.create_task(core.follow_store(), name="store-feed"))
         try:
             yield
         finally:
@@ -444,6 +447,7 @@ def create_app(
             public_ip=peer.public_ip,
             lans=lans,
             expires_at=core.clock() + config.ttl,
+            hub=config.hub,
         )
 
     async def answer(request: Request, pubkey: str) -> Response:
@@ -521,8 +525,12 @@ def create_app(
         refreshed = core.hub.refreshed_at
         age = None if refreshed is None else monotonic() - refreshed
         healthy = age is not None and age <= max(10.0, 5 * config.refresh_interval)
+        degraded = core.degraded
+        # Degraded still answers 200: the hub path and this hub's own matching work, and
+        # no other instance can serve this hub's clients (identity is the hub's tunnel).
         body = {
-            "status": "ok" if healthy else "hub view stale",
+            "status": ("ok" if degraded is None else "degraded") if healthy else "hub view stale",
+            "degraded": degraded,
             "hub_view_age_s": None if age is None else round(age, 3),
             "registered_clients": core.registry.client_count,
             "lan_groups": core.registry.group_count,

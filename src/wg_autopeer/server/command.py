@@ -22,6 +22,7 @@ from wg_autopeer.server.config import (
     ListenAddress,
     ServerConfig,
     load_config,
+    parse_db,
     parse_listen,
 )
 
@@ -44,7 +45,14 @@ def add_parser(sub: Any) -> None:
         action="append",
         help=f"address to serve on (repeatable; default: every address of WG, port {DEFAULT_PORT})",
     )
-    parser.add_argument("--db", metavar="PATH", help="SQLite file, or :memory:")
+    parser.add_argument(
+        "--db",
+        metavar="PATH|URL",
+        help="SQLite file, :memory:, or postgresql://USER@HOST:PORT/DBNAME (shared registry)",
+    )
+    parser.add_argument(
+        "--hub", metavar="NAME", help="this hub's name in a shared registry (default: its key)"
+    )
     parser.add_argument(
         "--config",
         metavar="FILE",
@@ -63,7 +71,9 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
     if args.listen:
         changes["listen"] = tuple(parse_listen(text, key="--listen") for text in args.listen)
     if args.db:
-        changes["db"] = args.db
+        changes["db"] = parse_db("--db", args.db)
+    if getattr(args, "hub", None):
+        changes["hub"] = args.hub
     config = config.replace(**changes)
     if not config.interface:
         raise ConfigError("interface", 'required: --interface WG or interface = "WG"')
@@ -158,6 +168,10 @@ async def serve(
 
     control = open_control()
     try:
+        if not config.hub:
+            # Default name in a shared registry: the hub's key, the same on every restart.
+            device = await control.get_device(config.interface)
+            config = config.replace(hub=f"wg:{device.public_key or config.interface}")
         app = create_app(config, control, reader=reader)
         server = Server(uvicorn_config(app))
         stop.attach(server)
@@ -206,4 +220,5 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for sock in sockets:
             sock.close()
+        reader.close()  # again if the server closed it: a no-op then
     return 0

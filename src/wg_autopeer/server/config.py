@@ -4,7 +4,11 @@ Example::
 
     interface = "wg0"
     listen = ["10.99.0.1:80"]          # default: every address of the interface, port 80
-    db = "/var/lib/wg-autopeer/server.db"   # ":memory:" keeps nothing across restarts
+    db = "/var/lib/wg-autopeer/server.db"   # ":memory:" keeps nothing across restarts;
+                                       # "postgresql://USER@HOST:PORT/DBNAME": one registry
+                                       # shared by several servers and hubs (docs/scale-out.md)
+    hub = "hub-a"                      # names this hub in a shared registry
+                                       # (default: "wg:" + the hub interface's public key)
     handshake_max_age = 180            # seconds; older -> 409, and registrations dropped
     ttl = 90                           # seconds a registration lives without a new report
     refresh_interval = 2               # seconds between reads of the hub's device
@@ -30,6 +34,7 @@ from typing import Any
 from wg_autopeer.configfile import read_toml
 from wg_autopeer.errors import ConfigError
 from wg_autopeer.server.matching import Policy
+from wg_autopeer.server.store import POSTGRES_SCHEMES, db_scheme, redact_url
 from wg_autopeer.wireguard.base import IPAddress, IPNetwork, is_valid_key
 
 DEFAULT_CONFIG_PATH = Path("/etc/wg-autopeer/server.toml")
@@ -39,6 +44,7 @@ KNOWN_KEYS = (
     "interface",
     "listen",
     "db",
+    "hub",
     "handshake_max_age",
     "ttl",
     "refresh_interval",
@@ -90,6 +96,9 @@ class ServerConfig:
     interface: str = ""
     listen: tuple[ListenAddress, ...] = ()
     db: str = DEFAULT_DB_PATH
+    # Names this hub in a registry shared by several hubs; "" until the server fills in
+    # its default from the hub's public key.
+    hub: str = ""
     handshake_max_age: float = 180.0
     ttl: float = 90.0
     refresh_interval: float = 2.0
@@ -118,6 +127,20 @@ def _string(key: str, value: object) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(key, f"expected a non-empty string, got {value!r}")
     return value
+
+
+def parse_db(key: str, value: object) -> str:
+    """A SQLite path, ``:memory:`` or a PostgreSQL URL; any other URL scheme is refused
+    (it would otherwise be taken for a relative file path)."""
+    text = _string(key, value)
+    scheme = db_scheme(text)
+    if scheme is not None and scheme not in POSTGRES_SCHEMES:
+        raise ConfigError(
+            key,
+            f"unsupported scheme {scheme!r} in {redact_url(text)!r}: use"
+            " postgresql://USER@HOST:PORT/DBNAME, a SQLite file path, or :memory:",
+        )
+    return text
 
 
 def _string_list(key: str, value: object) -> list[str]:
@@ -162,8 +185,10 @@ def config_from_mapping(
     config = base or ServerConfig()
     changes: dict[str, Any] = {}
     for key, value in data.items():
-        if key in ("interface", "db"):
+        if key in ("interface", "hub"):
             changes[key] = _string(key, value)
+        elif key == "db":
+            changes[key] = parse_db(key, value)
         elif key == "listen":
             changes[key] = tuple(parse_listen(v, key=key) for v in _string_list(key, value))
         elif key in ("handshake_max_age", "ttl", "refresh_interval", "unknown_source_refresh_gap"):

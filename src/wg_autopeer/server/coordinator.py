@@ -5,6 +5,13 @@ registered clients whose peer changed or left (roamed, tunnel addresses changed,
 and deadline heaps drop those whose handshake went stale or whose TTL ran out: the
 background round costs O(changes + due deadlines), never O(clients). ``app.py`` turns
 HTTP into calls on it.
+
+With a store shared by several instances (``SharedStore``), it also follows the store's
+change feed: the registrations other instances wrote in the LAN groups they changed are
+re-read and learnt, which wakes the local waiters of those groups only. A registration
+learnt from another hub is judged by that hub's server alone: this one cannot see the
+client's handshake. While the database is unreachable it serves from memory, says so
+(``degraded``), retries with back-off and re-reads everything when it is back.
 """
 
 from __future__ import annotations
@@ -22,7 +29,14 @@ from wg_autopeer.server.identity import HubPeer, HubView
 from wg_autopeer.server.matching import Registration
 from wg_autopeer.server.metrics import ServerMetrics
 from wg_autopeer.server.registry import Dropped, Registry
-from wg_autopeer.server.store import RegistrationStore
+from wg_autopeer.server.store import (
+    RETRY_MAX_S,
+    RETRY_MIN_S,
+    RegistrationStore,
+    SharedStore,
+    StoreError,
+    parse_group_text,
+)
 from wg_autopeer.wireguard.base import WireGuardControl
 
 log = logging.getLogger(__name__)
@@ -33,6 +47,10 @@ LEFT_MEMORY_S = 60.0
 # it, and the margin they get to apply what they heard (see hold_for_neighbours).
 HOLD_MAX = 1.5
 APPLY_MARGIN = 0.25
+# How often a shared store is rid of registrations that expired (a dead instance's), and
+# how long after their expiry.
+PURGE_EVERY_S = 60.0
+PURGE_AFTER_S = 60.0
 
 
 class Coordinator:
@@ -66,6 +84,19 @@ class Coordinator:
         self.answered_at: dict[str, float] = {}
         self._answered = asyncio.Condition()
         self.registry = Registry(config.policy, store)
+        self.shared = store if isinstance(store, SharedStore) else None
+        # The shared store's change feed: connected or not, and the groups to re-read.
+        self.feed_up = False
+        self.feed_error: StoreError | None = None
+        self._pending_groups: set[str] = set()
+        self._fetcher: asyncio.Task[None] | None = None
+        self._recheck: set[str] = set()
+        self._purged_at = monotonic()
+        self._resyncing: asyncio.Task[None] | None = None
+        # One read of the shared store at a time, each learnt before the next starts: a
+        # read that began earlier (a resync's snapshot) must not undo what a later one
+        # (a notified group's re-read) learnt.
+        self._store_reads = asyncio.Lock()
         # Handshake deadlines of registered clients: (latest handshake + max age, key), at
         # most one entry per key; a newer handshake just moves the key on when it comes due.
         self._handshakes: list[tuple[float, str]] = []
@@ -81,8 +112,15 @@ class Coordinator:
         self.metrics = ServerMetrics(
             clients=lambda: self.registry.client_count,
             groups=lambda: self.registry.group_count,
+            degraded=lambda: 0.0 if self.degraded is None else 1.0,
+            store_queued=lambda: (
+                0.0 if self.registry.writes is None else self.registry.writes.queued
+            ),
+            store_failures=lambda: (
+                0.0 if self.registry.writes is None else self.registry.writes.failures
+            ),
         )
-        loaded = self.registry.load()
+        loaded = self.registry.load(lambda r: self.shared is None or r.hub == config.hub)
         for pubkey in list(self.registry.pubkeys):
             self._queue_handshake(pubkey, None)
         if loaded:
@@ -93,6 +131,9 @@ class Coordinator:
         return age is not None and age <= self.config.handshake_max_age
 
     def _verdict(self, registration: Registration) -> str | None:
+        if registration.hub != self.config.hub and registration.pubkey in self.registry.learnt:
+            # Another hub's client: only that hub sees its handshake.
+            return None
         peer = self.hub.snapshot.peers.get(registration.pubkey)
         if peer is None:
             return "gone from hub"
@@ -146,7 +187,10 @@ class Coordinator:
         proving = [
             offer.pubkey
             for offer in offered
-            if (other := self.registry.get(offer.pubkey)) is not None
+            # A neighbour served by another instance (learnt) is answered there: this
+            # one cannot tell when, so it is not waited for.
+            if offer.pubkey not in self.registry.learnt
+            and (other := self.registry.get(offer.pubkey)) is not None
             and any(lan.listen_port is not None for lan in other.lans)
         ]
         if not proving:
@@ -199,11 +243,19 @@ class Coordinator:
         changed), then the deadlines that are due."""
         await self.hub.refresh_since(self.monotonic())
         self.sweep()
+        await self.recheck_learnt()
+        if self.shared is not None and self.monotonic() - self._purged_at >= PURGE_EVERY_S:
+            self._purged_at = self.monotonic()
+            try:
+                await asyncio.to_thread(self.shared.purge_expired, self.clock() - PURGE_AFTER_S)
+            except StoreError as exc:
+                log.warning("purge of expired registrations failed: %s", exc)
 
     def sweep(self) -> None:
         """Drop what is due: expired registrations and stale handshakes."""
         now = self.clock()
-        self._count(self.registry.sweep(now))
+        recheck = self._recheck if self.shared is not None else None
+        self._count(self.registry.sweep(now, recheck))
         self._stale_handshakes(now)
         self.registry.flush_due()
         # A report is over long before this: reads of the hub are its only waits.
@@ -230,6 +282,123 @@ class Coordinator:
         """True when ``pubkey`` left (DELETE) at or after ``moment`` (monotonic)."""
         left = self.left_at.get(pubkey)
         return left is not None and left >= moment
+
+    # -- a store shared with other instances -----------------------------------------------
+
+    @property
+    def degraded(self) -> str | None:
+        """Why this instance serves from memory only, or None when its store works."""
+        writes = self.registry.writes
+        if writes is not None and writes.failing is not None:
+            return f"registry store failing: {writes.failing.reason}"
+        if self.shared is not None and not self.feed_up and self.feed_error is not None:
+            return f"registry change feed down: {self.feed_error.reason}"
+        return None
+
+    def learn(self, rows: list[Registration], scope: set[str]) -> None:
+        """Take what other instances stored: ``rows`` as read now, covering every key of
+        ``scope`` (a learnt key of the scope that is not among them is gone)."""
+        now = self.clock()
+        present = set()
+        for row in rows:
+            if row.expires_at <= now:
+                continue
+            present.add(row.pubkey)
+            current = self.registry.get(row.pubkey)
+            if current is not None and row.expires_at < current.expires_at:
+                # An older report than the one known here: the store has moved on since.
+                continue
+            if current is not None and row.pubkey not in self.registry.learnt:
+                # Ours, as reported to this instance; another report, later and different
+                # (the client moved to another hub or instance), takes it over.
+                if row.same_content(current) or row.expires_at <= current.expires_at:
+                    continue
+                self.report_bodies.pop(row.pubkey, None)
+            self.registry.learn(row, now)
+        gone = [key for key in scope - present if key in self.registry.learnt]
+        self._count([d for key in gone if (d := self.registry.remove(key, "gone")) is not None])
+
+    def _on_groups(self, groups: set[str]) -> None:
+        self._pending_groups |= groups
+        if self._fetcher is None or self._fetcher.done():
+            self._fetcher = asyncio.create_task(self._fetch_groups(), name="store-groups")
+
+    async def _fetch_groups(self) -> None:
+        assert self.shared is not None
+        # Notifications arriving during a read join the next one.
+        while self._pending_groups:
+            groups, self._pending_groups = self._pending_groups, set()
+            scope: set[str] = set()
+            for text in groups:
+                try:
+                    scope |= self.registry.members(parse_group_text(text))
+                except ValueError:
+                    log.warning("ignoring a change notification for group %r", text)
+            async with self._store_reads:
+                try:
+                    rows = await asyncio.to_thread(self.shared.load_groups, groups)
+                except StoreError as exc:
+                    # The feed reconnects and re-reads everything.
+                    log.warning("re-reading %d changed groups failed: %s", len(groups), exc)
+                    return
+                self.learn(rows, scope)
+
+    async def resync(self) -> None:
+        """Re-read every stored registration (the feed reconnected: changes were missed)."""
+        assert self.shared is not None
+        async with self._store_reads:
+            rows = await asyncio.to_thread(self.shared.load_all)
+            self.learn(rows, set(self.registry.learnt))
+
+    async def recheck_learnt(self) -> None:
+        """Learnt registrations that ran out here: their owner may have pushed their expiry
+        back in the store since (refreshes notify nobody); drop those it did not."""
+        if not self._recheck or self.shared is None:
+            return
+        keys, self._recheck = self._recheck, set()
+        async with self._store_reads:
+            try:
+                rows = await asyncio.to_thread(self.shared.load_keys, keys)
+            except StoreError as exc:
+                log.warning("re-reading %d expired registrations failed: %s", len(keys), exc)
+                rows = []
+            self.learn(rows, keys)
+
+    async def follow_store(self) -> None:
+        """Until cancelled: follow the shared store's change feed, reconnecting with
+        back-off; each (re)connection re-reads everything."""
+        assert self.shared is not None
+        delay = RETRY_MIN_S
+
+        def connected() -> None:
+            nonlocal delay
+            if self.feed_error is not None:
+                log.warning("registry change feed back; re-reading the registry")
+            self.feed_up, self.feed_error, delay = True, None, RETRY_MIN_S
+            self._resyncing = asyncio.create_task(self._resync_logged(), name="store-resync")
+            if self.registry.writes is not None:
+                self.registry.writes.retry_now()
+
+        while True:
+            try:
+                await self.shared.follow(self._on_groups, connected)
+            except StoreError as exc:
+                if self.feed_up or self.feed_error is None:
+                    log.error("registry change feed down, serving from memory: %s", exc)
+                self.feed_up, self.feed_error = False, exc
+            except Exception as exc:
+                # A bug must not end the feed for good: logged, and the feed restarts.
+                log.exception("registry change feed failed")
+                self.feed_up = False
+                self.feed_error = StoreError(self.shared.location, f"bug: {exc!r}")
+            await asyncio.sleep(delay)
+            delay = min(RETRY_MAX_S, 2 * delay)
+
+    async def _resync_logged(self) -> None:
+        try:
+            await self.resync()
+        except StoreError as exc:
+            log.warning("re-reading the registry failed: %s", exc)
 
     async def run(self) -> None:
         """Background loop until cancelled."""

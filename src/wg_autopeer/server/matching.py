@@ -101,6 +101,9 @@ class Registration:
     public_ip: PublicIdentity
     lans: tuple[ReportedLan, ...]
     expires_at: float
+    # Which hub saw the client (``ServerConfig.hub``): with one registry shared by several
+    # hubs, only that hub's server judges it (roamed, stale handshake, gone).
+    hub: str = ""
 
     def group_keys(self) -> frozenset[GroupKey]:
         return frozenset(GroupKey(self.public_ip, lan.gateway, lan.network) for lan in self.lans)
@@ -113,6 +116,7 @@ class Registration:
             and self.tunnel_ips == other.tunnel_ips
             and self.public_ip == other.public_ip
             and self.lans == other.lans
+            and self.hub == other.hub
         )
 
 

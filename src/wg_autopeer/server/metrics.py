@@ -20,6 +20,9 @@ class ServerMetrics:
         *,
         clients: Callable[[], float],
         groups: Callable[[], float],
+        degraded: Callable[[], float] = lambda: 0.0,
+        store_queued: Callable[[], float] = lambda: 0.0,
+        store_failures: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -49,6 +52,21 @@ class ServerMetrics:
             "Distinct (public IP, gateway, network) groups",
             registry=self.registry,
         ).set_function(groups)
+        Gauge(
+            "wg_autopeer_degraded",
+            "1 while the registry store or its change feed fails (serving from memory)",
+            registry=self.registry,
+        ).set_function(degraded)
+        Gauge(
+            "wg_autopeer_store_queued_changes",
+            "Changes waiting to be written to the registry store",
+            registry=self.registry,
+        ).set_function(store_queued)
+        Gauge(
+            "wg_autopeer_store_failed_writes",
+            "Writes to the registry store that failed since the start (retried)",
+            registry=self.registry,
+        ).set_function(store_failures)
         self.dropped = Counter(
             "wg_autopeer_dropped_registrations",
             "Registrations dropped, by reason",

@@ -95,6 +95,7 @@ class ProcessReader(DeviceReader):
         self.interface = interface
         self._make_reader = make_reader
         self._local: DeviceReader | None = None
+        self._closed = False
         context = multiprocessing.get_context("fork")
         self._conn, child_end = context.Pipe()
         self._process = context.Process(
@@ -138,6 +139,9 @@ class ProcessReader(DeviceReader):
             return self._local.read(full=True)
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self._stop_child()
         if self._local is not None:
             self._local.close()

@@ -69,6 +69,14 @@ class Registry:
         # the sweep then queues the key again at its current expiry.
         self._expiry: list[tuple[float, str]] = []
         self._expiry_queued: set[str] = set()
+        # Keys learnt from a store shared with other server instances (``learn``): another
+        # instance wrote them, so dropping one here writes nothing.
+        self.learnt: set[str] = set()
+
+    @property
+    def writes(self) -> GroupCommit | None:
+        """The group commit in front of the store (None without a store)."""
+        return self._writes
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -122,16 +130,26 @@ class Registry:
 
     # -- changing --------------------------------------------------------------------------
 
-    def load(self) -> int:
-        """Fill the registry from the store; returns how many registrations were loaded."""
+    def load(self, is_own: Callable[[Registration], bool] = lambda _: True) -> int:
+        """Fill the registry from the store; returns how many registrations were loaded.
+        Those not ``is_own`` were written by other server instances: they are learnt."""
         if self._store is None:
             return 0
         loaded = self._store.load_all()
         for registration in loaded:
             self._insert(registration)
+            if not is_own(registration):
+                self.learnt.add(registration.pubkey)
         return len(loaded)
 
-    def put(self, registration: Registration, now: float | None = None) -> bool:
+    def learn(self, registration: Registration, now: float) -> bool:
+        """Take ``registration`` as another server instance stored it: as ``put``, but
+        nothing is written back. True when answers may have changed."""
+        return self.put(registration, now, learnt=True)
+
+    def put(
+        self, registration: Registration, now: float | None = None, *, learnt: bool = False
+    ) -> bool:
         """Register or refresh a client; True when its neighbours' answers may have changed.
 
         An unchanged report only pushes the expiry back: no re-indexing, no wake-up, and
@@ -141,9 +159,14 @@ class Registry:
         """
         old = self._regs.get(registration.pubkey)
         alive = old is not None and (now is None or old.expires_at > now)
-        if old is not None and alive and registration.same_content(old):
+        # A report here of a key learnt from another instance takes it over: its store
+        # row must be written now, as a change.
+        taken_over = not learnt and registration.pubkey in self.learnt
+        if old is not None and alive and registration.same_content(old) and not taken_over:
             self._regs[registration.pubkey] = registration
-            if self._writes is not None:
+            # A learnt one's expiry entry may have been taken by the sweep (see sweep).
+            self._queue_expiry(registration)
+            if self._writes is not None and not learnt:
                 self._writes.refresh(registration)
             return False
         touched: set[GroupKey] = set()
@@ -151,8 +174,12 @@ class Registry:
             touched |= self._remove_from_index(old)
         self._insert(registration)
         touched |= registration.group_keys()
-        if self._writes is not None:
-            self._writes.put(registration)
+        if learnt:
+            self.learnt.add(registration.pubkey)
+        else:
+            self.learnt.discard(registration.pubkey)
+            if self._writes is not None:
+                self._writes.put(registration)
         self._wake(touched, registration.pubkey)
         return True
 
@@ -177,14 +204,21 @@ class Registry:
         if old is None:
             return None
         touched = self._remove_from_index(old)
-        if self._writes is not None:
-            self._writes.delete(pubkey)
+        if pubkey in self.learnt:
+            self.learnt.discard(pubkey)
+        elif self._writes is not None:
+            self._writes.delete(old)
         self._wake(touched, pubkey)
         log.info("dropped key=%s reason=%s", pubkey[:8], reason)
         return Dropped(pubkey, reason)
 
-    def sweep(self, now: float) -> list[Dropped]:
-        """Drop every registration whose TTL ran out; O(due deadlines), not O(clients)."""
+    def sweep(self, now: float, recheck: set[str] | None = None) -> list[Dropped]:
+        """Drop every registration whose TTL ran out; O(due deadlines), not O(clients).
+
+        With ``recheck``, learnt registrations that ran out are added to it instead of
+        dropped: their owner may have pushed their expiry back in the store since (the
+        caller re-reads them, then ``learn``s or drops each).
+        """
         dropped = []
         heap = self._expiry
         while heap and heap[0][0] <= now:
@@ -194,7 +228,9 @@ class Registry:
             if registration is None:
                 continue
             if registration.expires_at <= now:
-                if (d := self.remove(pubkey, "expired")) is not None:
+                if recheck is not None and pubkey in self.learnt:
+                    recheck.add(pubkey)
+                elif (d := self.remove(pubkey, "expired")) is not None:
                     dropped.append(d)
             else:
                 self._queue_expiry(registration)
@@ -218,6 +254,10 @@ class Registry:
     @property
     def pubkeys(self) -> Iterable[str]:
         return self._regs.keys()
+
+    def members(self, key: GroupKey) -> set[str]:
+        """The keys registered in LAN group ``key`` (a copy)."""
+        return set(self._index.get(key, ()))
 
     def wake_all(self) -> None:
         """Wake every waiter (shutdown: let blocking queries answer now)."""

@@ -1,5 +1,6 @@
 """Where registrations survive a restart: a small interface, its SQLite backend, and the
-group commit in front of it.
+group commit in front of it. The PostgreSQL backend, shared by several servers, is in
+``pgstore``; ``open_store`` picks one from the ``db`` setting.
 
 The registry stays the source of truth while running. ``GroupCommit`` writes what
 changed in batches, one transaction each: a change of content is written before the
@@ -16,28 +17,122 @@ import asyncio
 import json
 import logging
 import os
+import re
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Network, ip_address, ip_network
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from wg_autopeer.errors import WgAutopeerError
-from wg_autopeer.server.matching import PublicIdentity, Registration, ReportedLan
+from wg_autopeer.server.matching import GroupKey, PublicIdentity, Registration, ReportedLan
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+# SQLite's schema, in ``PRAGMA user_version``; each entry of SQLITE_MIGRATIONS takes the
+# schema from its index to the next version.
+SQLITE_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        "CREATE TABLE IF NOT EXISTS registrations ("
+        " pubkey TEXT PRIMARY KEY, body TEXT NOT NULL, expires_at REAL NOT NULL)",
+    ),
+)
+SCHEMA_VERSION = len(SQLITE_MIGRATIONS)
 # Expiry refreshes of unchanged reports are written at most this often.
 REFRESH_WRITE_S = 10.0
+# After a failed write, retry after this long, doubling up to RETRY_MAX_S: a retry is
+# one connection attempt, and the longest wait is how late an outage's writes land.
+RETRY_MIN_S = 1.0
+RETRY_MAX_S = 10.0
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+# "scheme:" (two letters at least, so a drive letter is no scheme).
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
 
 
 class StoreError(WgAutopeerError):
-    """The registration store could not be opened or written."""
+    """The registration store at ``location`` could not be opened or written.
+
+    ``retryable``: the same operation may work later (the database is unreachable),
+    as opposed to a store that will never work as it is (a newer schema).
+    """
+
+    def __init__(self, location: str, reason: str, *, retryable: bool = False) -> None:
+        super().__init__(f"{location}: {reason}")
+        self.location = location
+        self.reason = reason
+        self.retryable = retryable
+
+
+class SchemaTooNew(StoreError):
+    """The store was written by a newer wg-autopeer (its schema ``found`` > ``supported``)."""
+
+    def __init__(self, location: str, found: int, supported: int) -> None:
+        super().__init__(
+            location,
+            f"schema version {found} is newer than this wg-autopeer knows ({supported});"
+            " upgrade wg-autopeer or point it at another database",
+        )
+        self.found = found
+        self.supported = supported
+
+
+def db_scheme(db: str) -> str | None:
+    """The URL scheme of a ``db`` setting, lower-case; None for a file path or ``:memory:``."""
+    match = _SCHEME.match(db)
+    return match.group(1).lower() if match else None
+
+
+def is_postgres_url(db: str) -> bool:
+    return db_scheme(db) in POSTGRES_SCHEMES
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def group_text(key: GroupKey) -> str:
+    """A LAN group as text (a notification's payload, a stored group)."""
+    return f"{key.public_ip}|{key.gateway}|{key.network}"
+
+
+def parse_group_text(text: str) -> GroupKey:
+    """Inverse of ``group_text``; raises ``ValueError`` on anything else."""
+    public_text, gateway_text, network_text = text.split("|")
+    public: PublicIdentity
+    if "/" in public_text:
+        network = ip_network(public_text)
+        if not isinstance(network, IPv6Network):
+            raise ValueError(f"{public_text}: an IPv4 public identity is an address")
+        public = network
+    else:
+        address = ip_address(public_text)
+        if not isinstance(address, IPv4Address):
+            raise ValueError(f"{public_text}: an IPv6 public identity is a /64")
+        public = address
+    return GroupKey(public, ip_address(gateway_text), ip_network(network_text))
+
+
+@dataclass(frozen=True)
+class Removal:
+    """A registration to forget; a shared store forgets it only while the stored one is
+    no newer (another hub or instance may have registered the client since)."""
+
+    registration: Registration
 
 
 class RegistrationStore(abc.ABC):
     """Durable copy of the registry, keyed by public key."""
+
+    # True when writes wait on the network: the group commit then runs them in a thread.
+    blocking = False
 
     @abc.abstractmethod
     def load_all(self) -> list[Registration]:
@@ -59,8 +154,67 @@ class RegistrationStore(abc.ABC):
         for pubkey in deletes:
             self.delete(pubkey)
 
+    def write_changes(
+        self,
+        puts: Collection[Registration],
+        removals: Collection[Removal],
+        changed: Collection[str],
+    ) -> None:
+        """What the group commit calls: ``puts`` (``changed`` names those whose content
+        changed, the others only push their expiry back) and ``removals``."""
+        self.write_batch(puts, [r.registration.pubkey for r in removals])
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the backend's resources."""
+
+
+class SharedStore(RegistrationStore):
+    """A store that several server instances write: each instance learns the others'
+    registrations from it, and is told which LAN groups they changed."""
+
+    blocking = True
+    # Where it is, for messages (a URL without its password).
+    location = ""
+
+    @abc.abstractmethod
+    def load_groups(self, groups: Collection[str]) -> list[Registration]:
+        """The live and expired registrations in any of ``groups`` (``group_text``)."""
+
+    @abc.abstractmethod
+    def load_keys(self, pubkeys: Collection[str]) -> list[Registration]:
+        """The stored registrations of ``pubkeys`` (absent ones are left out)."""
+
+    @abc.abstractmethod
+    def purge_expired(self, before: float) -> int:
+        """Forget registrations that expired before ``before`` (those of a dead instance);
+        returns how many."""
+
+    @abc.abstractmethod
+    async def follow(
+        self, on_groups: Callable[[set[str]], None], on_connected: Callable[[], None]
+    ) -> None:
+        """Until cancelled: call ``on_groups`` with the groups other instances changed,
+        and ``on_connected`` each time the feed (re)connects (what was missed meanwhile
+        must be re-read). Raises ``StoreError`` when the feed is lost."""
+
+
+def open_store(db: str, *, hub: str) -> RegistrationStore:
+    """The store a ``db`` setting names: a PostgreSQL URL, or a SQLite file (``:memory:``).
+
+    Raises ``StoreError`` for another URL scheme, and when the store cannot be opened.
+    """
+    scheme = db_scheme(db)
+    if scheme in POSTGRES_SCHEMES:
+        from wg_autopeer.server.pgstore import PostgresStore
+
+        return PostgresStore(db, hub=hub)
+    if scheme is not None:
+        raise StoreError(
+            redact_url(db),
+            f"unsupported scheme {scheme!r}: use postgresql://USER@HOST:PORT/DBNAME,"
+            " a SQLite file path, or :memory:",
+        )
+    return SqliteStore(db)
 
 
 def encode(registration: Registration) -> str:
@@ -81,6 +235,7 @@ def encode(registration: Registration) -> str:
                 for lan in registration.lans
             ],
             "expires_at": registration.expires_at,
+            "hub": registration.hub,
         },
         sort_keys=True,
         separators=(",", ":"),
@@ -117,6 +272,8 @@ def decode(text: str) -> Registration:
             for lan in data["lans"]
         ),
         expires_at=float(data["expires_at"]),
+        # Rows written before several hubs could share a store name none.
+        hub=str(data.get("hub", "")),
     )
 
 
@@ -138,27 +295,25 @@ class SqliteStore(RegistrationStore):
                 self._db.execute("PRAGMA synchronous=NORMAL")
             self._migrate()
         except sqlite3.Error as exc:
-            raise StoreError(f"{self.path}: {exc}") from exc
+            raise StoreError(self.path, str(exc)) from exc
 
     def _migrate(self) -> None:
         (version,) = self._db.execute("PRAGMA user_version").fetchone()
-        if version == SCHEMA_VERSION:
-            return
-        if version not in (0, SCHEMA_VERSION):
-            # Soft state from another schema is not worth converting: clients re-report it.
-            log.warning("store %s has schema %s, starting empty", self.path, version)
-            self._db.execute("DROP TABLE IF EXISTS registrations")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS registrations ("
-            " pubkey TEXT PRIMARY KEY, body TEXT NOT NULL, expires_at REAL NOT NULL)"
-        )
-        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        if version > SCHEMA_VERSION:
+            self._db.close()
+            raise SchemaTooNew(self.path, version, SCHEMA_VERSION)
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            for step in SQLITE_MIGRATIONS[version:]:
+                for statement in step:
+                    self._db.execute(statement)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def load_all(self) -> list[Registration]:
         try:
             rows = self._db.execute("SELECT pubkey, body FROM registrations").fetchall()
         except sqlite3.Error as exc:
-            raise StoreError(f"{self.path}: {exc}") from exc
+            raise StoreError(self.path, str(exc)) from exc
         loaded = []
         for pubkey, body in rows:
             try:
@@ -175,13 +330,13 @@ class SqliteStore(RegistrationStore):
                 (registration.pubkey, encode(registration), registration.expires_at),
             )
         except sqlite3.Error as exc:
-            raise StoreError(f"{self.path}: {exc}") from exc
+            raise StoreError(self.path, str(exc)) from exc
 
     def delete(self, pubkey: str) -> None:
         try:
             self._db.execute("DELETE FROM registrations WHERE pubkey = ?", (pubkey,))
         except sqlite3.Error as exc:
-            raise StoreError(f"{self.path}: {exc}") from exc
+            raise StoreError(self.path, str(exc)) from exc
 
     def write_batch(self, puts: Iterable[Registration], deletes: Iterable[str]) -> None:
         rows = [(r.pubkey, encode(r), r.expires_at) for r in puts]
@@ -196,7 +351,7 @@ class SqliteStore(RegistrationStore):
                 )
                 self._db.executemany("DELETE FROM registrations WHERE pubkey = ?", gone)
         except sqlite3.Error as exc:
-            raise StoreError(f"{self.path}: {exc}") from exc
+            raise StoreError(self.path, str(exc)) from exc
 
     def close(self) -> None:
         self._db.close()
@@ -219,8 +374,15 @@ class GroupCommit:
       next batch; one lost in a crash comes back at reload, where the TTL and the first
       read of the hub judge it again.
 
+    While the store fails (a database that is unreachable), the server keeps answering
+    from memory: requests are answered without waiting for the store, each failed batch
+    is queued again under what changed since, and the writes are retried with back-off
+    (``failing`` says so). Nothing acknowledged is lost unless the process dies before
+    the store comes back.
+
     SQLite runs in WAL mode with ``synchronous=NORMAL``: "written" survives a crash of
-    the process, while a power loss may still take the latest transactions.
+    the process, while a power loss may still take the latest transactions. A store that
+    waits on the network (``blocking``) is written from a thread, one batch at a time.
     """
 
     def __init__(
@@ -233,14 +395,26 @@ class GroupCommit:
         self.store = store
         self.refresh_every = refresh_every
         self._monotonic = monotonic
-        # Content changes by key (None: delete), written before their request is answered.
-        self._content: dict[str, Registration | None] = {}
+        # Content changes by key (a Removal: forget it), written before their request
+        # is answered.
+        self._content: dict[str, Registration | Removal] = {}
         # Expiry refreshes by key, written lazily.
         self._refreshes: dict[str, Registration] = {}
         self._written_at = monotonic()
         self._commit: asyncio.Future[None] | None = None
-        # Transactions written, for tests and metrics.
+        self._writer: asyncio.Task[None] | None = None
+        # Transactions attempted, for tests and metrics.
         self.batches = 0
+        # The latest failure while the store keeps failing; None when it works.
+        self.failing: StoreError | None = None
+        self.failures = 0
+        self._retry_at = 0.0
+        self._retry_delay = 0.0
+
+    @property
+    def queued(self) -> int:
+        """Changes waiting to be written."""
+        return len(self._content) + len(self._refreshes)
 
     def put(self, registration: Registration) -> None:
         self._refreshes.pop(registration.pubkey, None)
@@ -252,51 +426,135 @@ class GroupCommit:
         else:
             self._refreshes[registration.pubkey] = registration
 
-    def delete(self, pubkey: str) -> None:
-        self._refreshes.pop(pubkey, None)
-        self._content[pubkey] = None
+    def delete(self, registration: Registration) -> None:
+        self._refreshes.pop(registration.pubkey, None)
+        self._content[registration.pubkey] = Removal(registration)
 
     async def durable(self) -> None:
-        """Return once every content change queued so far is written."""
-        if not self._content:
+        """Return once every content change queued so far is written, or at once while
+        the store fails (the retries write it)."""
+        if not self._content or self.failing is not None:
             return
         loop = asyncio.get_running_loop()
         if self._commit is not None and self._commit.get_loop() is not loop:
             # Left pending by an event loop that stopped (tests run several): write it now.
-            self._write_shared()
+            self._commit, self._writer = None, None
+            self.flush()
         if self._commit is None:
             self._commit = loop.create_future()
             # The next turn of the loop: changes queued by other requests meanwhile join.
-            loop.call_soon(self._write_shared)
+            loop.call_soon(self._start_write)
         # Shielded: a request giving up must not fail the batch for the others.
         await asyncio.shield(self._commit)
 
-    def _write_shared(self) -> None:
-        commit, self._commit = self._commit, None
-        self.flush()
-        if commit is not None and not commit.done():
-            commit.set_result(None)
+    def _start_write(self) -> None:
+        if not self.store.blocking:
+            commit, self._commit = self._commit, None
+            self.flush()
+            if commit is not None and not commit.done():
+                commit.set_result(None)
+        elif self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_in_thread(), name="store-write")
+
+    async def _write_in_thread(self) -> None:
+        # One transaction at a time, in order; the commits waiting meanwhile share the next.
+        while True:
+            commit, self._commit = self._commit, None
+            batch = self._take()
+            if batch is not None:
+                try:
+                    await asyncio.to_thread(self._write, batch)
+                except StoreError as exc:
+                    self._failed(batch, exc)
+                else:
+                    self._succeeded()
+            if commit is not None and not commit.done():
+                commit.set_result(None)
+            if self._commit is None:
+                return
 
     def flush_due(self) -> None:
-        """Write what is queued if the last batch is ``refresh_every`` old (the timer)."""
-        if (self._content or self._refreshes) and (
-            self._monotonic() - self._written_at >= self.refresh_every
-        ):
+        """Write what is queued if the last batch is ``refresh_every`` old, or retry a
+        failed one whose back-off is over (the timer)."""
+        if not (self._content or self._refreshes):
+            return
+        now = self._monotonic()
+        due = (
+            now >= self._retry_at
+            if self.failing is not None
+            else now - self._written_at >= self.refresh_every
+        )
+        if not due:
+            return
+        if self.store.blocking:
+            if self._writer is None or self._writer.done():
+                self._writer = asyncio.create_task(self._write_in_thread(), name="store-write")
+        else:
             self.flush()
 
+    def retry_now(self) -> None:
+        """The store is known to work again (its change feed reconnected): retry the
+        failed writes now rather than at the end of their back-off."""
+        if self.failing is not None:
+            self._retry_at = 0.0
+            self.flush_due()
+
     def flush(self) -> None:
-        """Write everything queued now, in one transaction."""
+        """Write everything queued now, in one transaction, on this thread (shutdown)."""
+        batch = self._take()
+        if batch is None:
+            return
+        try:
+            self._write(batch)
+        except StoreError as exc:
+            self._failed(batch, exc)
+        else:
+            self._succeeded()
+
+    def _take(
+        self,
+    ) -> tuple[dict[str, Registration | Removal], dict[str, Registration]] | None:
         self._written_at = self._monotonic()
         if not self._content and not self._refreshes:
-            return
+            return None
         content, self._content = self._content, {}
         refreshes, self._refreshes = self._refreshes, {}
-        puts = [*refreshes.values(), *(r for r in content.values() if r is not None)]
-        deletes = [pubkey for pubkey, r in content.items() if r is None]
+        return content, refreshes
+
+    def _write(
+        self, batch: tuple[dict[str, Registration | Removal], dict[str, Registration]]
+    ) -> None:
+        content, refreshes = batch
+        puts = [*refreshes.values(), *(r for r in content.values() if isinstance(r, Registration))]
+        removals = [r for r in content.values() if isinstance(r, Removal)]
+        changed = [k for k, r in content.items() if isinstance(r, Registration)]
         self.batches += 1
-        try:
-            self.store.write_batch(puts, deletes)
-        except StoreError as exc:
-            # The registry keeps serving; only a restart would lose these clients until
-            # they report again.
-            log.error("store write of %d changes failed: %s", len(puts) + len(deletes), exc)
+        self.store.write_changes(puts, removals, changed)
+
+    def _failed(
+        self,
+        batch: tuple[dict[str, Registration | Removal], dict[str, Registration]],
+        exc: StoreError,
+    ) -> None:
+        content, refreshes = batch
+        # Queue it again under whatever changed since: the newer change wins.
+        for key, change in content.items():
+            if key not in self._content:
+                self._refreshes.pop(key, None)
+                self._content[key] = change
+        for key, registration in refreshes.items():
+            if key not in self._content and key not in self._refreshes:
+                self._refreshes[key] = registration
+        self.failures += 1
+        self._retry_delay = min(RETRY_MAX_S, max(RETRY_MIN_S, 2 * self._retry_delay))
+        self._retry_at = self._monotonic() + self._retry_delay
+        if self.failing is None:
+            # The registry keeps serving from memory.
+            log.error("store write failed, answering from memory and retrying: %s", exc)
+        self.failing = exc
+
+    def _succeeded(self) -> None:
+        if self.failing is not None:
+            log.warning("store writable again after %d failed writes", self.failures)
+        self.failing = None
+        self._retry_delay = 0.0
