@@ -31,7 +31,8 @@ from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from PIL import Image, ImageChops, ImageGrab
 
-from wg_autopeer.agent.localapi import LocalApiServer, socket_path
+from wg_autopeer.agent.localapi import socket_path
+from wg_autopeer.agent.localserver import LocalApiServer
 from wg_autopeer.lab.lab import wait_for
 from wg_autopeer.tray_sni import ITEM_PATH, MENU_INTERFACE, MENU_PATH, WATCHER, WATCHER_PATH
 
