@@ -30,9 +30,9 @@ class ReadinessSocket:
         """The environment that makes a daemon notify this socket."""
         return {ENV: str(self.path)}
 
-    def wait(self, proc: subprocess.Popen[bytes], timeout: float) -> bool:
-        """Block until ``proc`` sends ``READY=1``: True; False when ``timeout`` passed first
-        or ``proc`` exited. Wakes once a second only to notice an exit."""
+    def wait(self, proc: subprocess.Popen[bytes], timeout: float) -> str | None:
+        """Block until ``proc`` sends ``READY=1``: that message; None when ``timeout``
+        passed first or ``proc`` exited. Wakes once a second only to notice an exit."""
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0 and proc.poll() is None:
             self._sock.settimeout(min(left, 1.0))
@@ -41,8 +41,8 @@ class ReadinessSocket:
             except TimeoutError:
                 continue
             if "READY=1" in message.splitlines():
-                return True
-        return False
+                return message
+        return None
 
     def close(self) -> None:
         self._sock.close()

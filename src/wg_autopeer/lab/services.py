@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ def start_server(
     address: IPv4Address | None = None,
     port: int = SERVER_PORT,
     timeout: float = 15.0,
+    on_ready: Callable[[str], None] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start ``wg-autopeer server`` on the hub and wait until it answers /healthz.
 
@@ -37,7 +39,11 @@ def start_server(
     ``port`` another port (a second server process on one hub). ``extra`` arguments
     come last (a later ``--db`` wins over the default ``:memory:``).
     ``timeout`` bounds the wait (a slow machine, or an emulated one, needs longer).
+    It waits for the server's ``READY=1`` (handed to ``on_ready``, as systemd would get
+    it), then for /healthz to say 200: ready means listening, healthy means the hub's
+    device has been read as well.
     """
+    started = time.monotonic()
     hub = lab.topology.hub.name
     address = address or lab.tunnel_ip(hub)
     with ReadinessSocket(lab.lab_dir / f"{log_name}.notify") as readiness:
@@ -60,17 +66,27 @@ def start_server(
             env=readiness.env(),
         )
         ready = readiness.wait(proc, timeout)
-    if not ready:
+    if ready is None:
         raise RuntimeError(
             f"server did not become ready (exit status {proc.poll()}): see {lab.log_path(log_name)}"
         )
-    healthz = lab.run(
-        hub, "curl", "-s", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}",
-        f"http://{address}:{port}/healthz", check=False,
-    )  # fmt: skip
-    if healthz.stdout.strip() != "200":
+    if on_ready is not None:
+        on_ready(ready)
+    answer = ""
+
+    def healthy() -> bool:
+        nonlocal answer
+        answer = lab.run(
+            hub, "curl", "-s", "-m", "2", "-o", "/dev/null", "-w", "%{http_code}",
+            f"http://{address}:{port}/healthz", check=False,
+        ).stdout.strip()  # fmt: skip
+        return answer == "200"
+
+    if not wait_for(
+        healthy, timeout=max(1.0, timeout - (time.monotonic() - started)), interval=0.1
+    ):
         raise RuntimeError(
-            f"server said ready but /healthz gave {healthz.stdout.strip() or 'no answer'}: "
+            f"server said ready but /healthz gave {answer or 'no answer'}: "
             f"see {lab.log_path(log_name)}"
         )
     return proc
@@ -163,7 +179,7 @@ def start_agent(
         return _spawn_agent(lab, host, extra, log_name, env={})
     with ReadinessSocket(lab.lab_dir / f"{log_name}.notify") as readiness:
         proc = _spawn_agent(lab, host, extra, log_name, env=readiness.env())
-        if not readiness.wait(proc, ready_within):
+        if readiness.wait(proc, ready_within) is None:
             raise RuntimeError(
                 f"{log_name} did not become ready (exit status {proc.poll()}): "
                 f"see {lab.log_path(log_name)}"
