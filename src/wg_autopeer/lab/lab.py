@@ -32,7 +32,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Interface, ip_address, ip_network
+from ipaddress import IPv4Address, IPv4Interface, IPv6Interface, ip_address, ip_network
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -40,13 +40,13 @@ from typing import Any
 from wg_autopeer.errors import LabError
 from wg_autopeer.lab.topology import (
     CLIENT_LAN_IF,
-    IFNAMSIZ,
     ROUTER_LAN_IF,
     SWITCH_HOST,
     WAN_BRIDGE,
     WAN_IF,
     ClientSpec,
     ExtraTunnel,
+    HubSpec,
     LanSpec,
     Topology,
     Uplink,
@@ -534,7 +534,8 @@ class Lab:
         topo = self.topology
         self._add_namespace(topo.switch_ns)
         self._add_bridge(WAN_BRIDGE)
-        self._build_hub()
+        for hub in topo.hubs:
+            self._build_hub(hub)
         for lan in topo.lans:
             self._build_lan(lan)
         for client in topo.clients:
@@ -612,28 +613,31 @@ class Lab:
         return self.tunnel_interface(host).ip
 
     def tunnel_interface(self, host: str) -> IPv4Interface:
-        if host == self.topology.hub.name:
-            return self.topology.hub.tunnel
+        hub = self.topology.hub_spec(host)
+        if hub is not None:
+            return hub.tunnel
         return self.topology.client(host).tunnel
 
     def lan_ip(self, host: str) -> IPv4Address:
-        """A client's LAN address; a router's LAN gateway address; the hub's WAN address."""
+        """A client's LAN address; a router's LAN gateway address; a hub's WAN address."""
         return self.lan_interface(host).ip
 
     def lan_interface(self, host: str) -> IPv4Interface:
         topo = self.topology
-        if host == topo.hub.name:
-            return topo.hub.wan
+        hub = topo.hub_spec(host)
+        if hub is not None:
+            return hub.wan
         lan = topo.router_lan(host)
         if lan is not None:
             return lan.gateway
         return topo.client(host).address
 
     def wan_ip(self, host: str) -> IPv4Address:
-        """Public address of the hub or a router; for a client, its router's."""
+        """Public address of a hub or a router; for a client, its router's."""
         topo = self.topology
-        if host == topo.hub.name:
-            return topo.hub.wan.ip
+        hub = topo.hub_spec(host)
+        if hub is not None:
+            return hub.wan.ip
         lan = topo.router_lan(host)
         if lan is None:
             lan = topo.lan(topo.client(host).lan)
@@ -758,11 +762,12 @@ class Lab:
         return parse_wg_dump(iface, self.run(host, "wg", "show", iface, "dump").stdout)
 
     def hub_peer(self, host: str) -> PeerState:
-        """The hub's view of client ``host``: endpoint, latest handshake, rx/tx bytes."""
+        """The view of client ``host``'s hub of it: endpoint, latest handshake, rx/tx bytes."""
         key = self.public_key(host)
-        peer = self.device(self.topology.hub.name).peer(key)
+        hub = self.topology.hub_of(host).name
+        peer = self.device(hub).peer(key)
         if peer is None:
-            raise LabError(f"lab {self.prefix}: the hub has no peer for {host}")
+            raise LabError(f"lab {self.prefix}: {hub} has no peer for {host}")
         return peer
 
     # ---------------------------------------------------------------- changing the lab
@@ -823,7 +828,7 @@ class Lab:
         it when that address disappears; re-setting the endpoint clears the cache.
         """
         self._require_up()
-        hub = self.topology.hub
+        hub = self.topology.hub_of(host)
         self.run(
             host,
             "wg", "set", self.wg_interface(host),
@@ -877,8 +882,8 @@ class Lab:
             self._restore_default_route(host)
 
     def _hub_peer_args(self, client: ClientSpec) -> list[str]:
-        """``wg set`` arguments that give ``client`` the hub as its peer."""
-        hub = self.topology.hub
+        """``wg set`` arguments that give ``client`` its hub as its peer."""
+        hub = self.topology.hub_of(client.name)
         args = [
             "peer", self.public_key(hub.name),
             "allowed-ips", str(hub.tunnel.network),
@@ -950,8 +955,8 @@ class Lab:
 
     def _configure_restarted(self, host: str, iface: str) -> None:
         """The configuration the lab gave ``host``'s device in ``up``, on the new device."""
-        hub = self.topology.hub
-        spec = hub if host == hub.name else self.topology.client(host)
+        hub = self.topology.hub_spec(host)
+        spec = hub or self.topology.client(host)
         self.run(
             host,
             "wg", "set", iface,
@@ -959,8 +964,8 @@ class Lab:
             "listen-port", str(spec.listen_port),
         )  # fmt: skip
         self._ip(self.ns(host), f"addr add {spec.tunnel} dev {iface}", f"link set {iface} up")
-        if host == hub.name:
-            for client in self.topology.clients:
+        if hub is not None:
+            for client in self.topology.hub_clients(host):
                 self.run(
                     host,
                     "wg", "set", iface,
@@ -1083,57 +1088,74 @@ class Lab:
                 )
         return spec
 
-    def add_second_hub(self, name: str, listen_port: int, clients: Iterable[str]) -> str:
-        """A second hub sharing the lab's tunnel address plan: its own WireGuard device
-        (own key, ``listen_port``) in the hub's namespace, with the hub's tunnel address;
-        each of ``clients`` moves from the first hub to it (its peer there removed, its
-        tunnel address routed to the new device, its only peer now the new hub).
+    def add_second_hub(
+        self,
+        name: str,
+        listen_port: int,
+        clients: Iterable[str],
+        *,
+        wan: IPv4Interface | None = None,
+    ) -> HubSpec:
+        """A further hub ``name`` in a namespace of its own: on the WAN bridge with ``wan``
+        (default: the first free address after the first hub's), its own WireGuard device
+        (own key, ``listen_port``) with the first hub's tunnel address, the same address
+        plan. Each of ``clients`` moves from its hub to the new one: its peer there removed,
+        its only peer now the new hub, which the client reaches over the WAN like any hub.
 
-        Two hubs in one namespace, not two namespaces: what the servers see is the same
-        (each hub's own WireGuard knows its own clients). Returns the device's name.
+        Waits until the new hub saw a handshake from each moved client (the server
+        identifies callers by it). Returns the new hub's spec.
         """
         self._require_up()
-        hub = self.topology.hub
-        iface = f"{self.topology.wg_interface(hub.name)}-{name}"
-        key_name = f"{hub.name}-{name}"
-        if len(iface) > IFNAMSIZ or not (name.isascii() and name.isalnum()):
-            raise LabError(f"lab {self.prefix}: bad second hub name {name!r} ({iface})")
-        self._start_wireguard(
-            hub.name, IPv4Interface(f"{hub.tunnel.ip}/32"), listen_port,
-            iface=iface, key_name=key_name,
-        )  # fmt: skip
-        new_key = self._state.public_keys[key_name]
-        old_key = self.public_key(hub.name)
+        first = self.topology.hub
+        wan = wan or self._free_wan_address()
+        offset = int(wan.ip) - int(wan.network.network_address)
+        wan6 = IPv6Interface(
+            f"{first.wan6.network.network_address + offset}/{first.wan6.network.prefixlen}"
+        )
+        spec = dataclasses.replace(first, name=name, wan=wan, wan6=wan6, listen_port=listen_port)
         moved = list(clients)
+        topology = self.topology.with_hub(spec)
         for host in moved:
-            address = self.tunnel_ip(host)
-            client_if = self.wg_interface(host)
-            self.run(hub.name, "wg", "set", self.wg_interface(hub.name),
-                     "peer", self.public_key(host), "remove")  # fmt: skip
-            self.run(hub.name, "wg", "set", iface,
-                     "peer", self.public_key(host), "allowed-ips", f"{address}/32")  # fmt: skip
-            self.run(hub.name, "ip", "route", "replace", f"{address}/32", "dev", iface)
-            self.run(host, "wg", "set", client_if, "peer", old_key, "remove")
-            peer_args = ["peer", new_key, "allowed-ips", str(hub.tunnel.network),
-                         "endpoint", f"{hub.wan.ip}:{listen_port}"]  # fmt: skip
-            keepalive = self.topology.client(host).keepalive
-            if keepalive is not None:
-                peer_args += ["persistent-keepalive", str(keepalive)]
-            self.run(host, "wg", "set", client_if, *peer_args)
-            # A first handshake now: the server identifies callers by it.
-            self.ping(host, hub.tunnel.ip, timeout=1.0)
-
-        def all_seen() -> bool:
-            device = parse_wg_dump(iface, self.run(hub.name, "wg", "show", iface, "dump").stdout)
-            return all(
-                (peer := device.peer(self.public_key(h))) is not None
-                and peer.latest_handshake is not None
-                for h in moved
+            topology = topology.with_client_replaced(
+                dataclasses.replace(topology.client(host), hub=name)
             )
+        topology.validate()
+        old_hubs = {host: self.topology.hub_of(host) for host in moved}
+        self.topology = topology
+        self._build_hub(spec)
+        routes = [
+            f"route add {lan.gateway6.network} via {lan.wan6.ip} dev {WAN_IF}"
+            for lan in self.topology.lans
+            if lan.wan6 is not None and lan.gateway6 is not None
+        ]
+        if routes:
+            # As the first hub does (``_build_lan``): each IPv6 LAN's /64 via its router.
+            self._ip(self.ns(name), *routes)
+        iface = self.wg_interface(name)
+        for host in moved:
+            old = old_hubs[host]
+            self.run(old.name, "wg", "set", self.wg_interface(old.name),
+                     "peer", self.public_key(host), "remove")  # fmt: skip
+            self.run(name, "wg", "set", iface,
+                     "peer", self.public_key(host),
+                     "allowed-ips", f"{self.tunnel_ip(host)}/32")  # fmt: skip
+            client_if = self.wg_interface(host)
+            self.run(host, "wg", "set", client_if, "peer", self.public_key(old.name), "remove")
+            self.run(host, "wg", "set", client_if,
+                     *self._hub_peer_args(self.topology.client(host)))  # fmt: skip
+            # A first handshake now, not at the next keepalive.
+            self.ping(host, spec.tunnel.ip, timeout=1.0)
+        self._wait_handshakes(self.topology.client(host) for host in moved)
+        return spec
 
-        if not wait_for(all_seen, _HANDSHAKE_TIMEOUT, interval=0.05):
-            raise LabError(f"lab {self.prefix}: {iface} saw no handshake from {moved}")
-        return iface
+    def _free_wan_address(self) -> IPv4Interface:
+        """The first WAN address after the first hub's that no hub or router holds."""
+        topo = self.topology
+        taken = {hub.wan.ip for hub in topo.hubs} | {lan.wan.ip for lan in topo.lans}
+        for address in topo.wan.hosts():
+            if address > topo.hub.wan.ip and address not in taken:
+                return IPv4Interface(f"{address}/{topo.wan.prefixlen}")
+        raise LabError(f"lab {self.prefix}: no free address left on the WAN {topo.wan}")
 
     # ---------------------------------------------------------------- building blocks
 
@@ -1187,8 +1209,7 @@ class Lab:
             ]
         )  # fmt: skip
 
-    def _build_hub(self) -> None:
-        hub = self.topology.hub
+    def _build_hub(self, hub: HubSpec) -> None:
         ns = self.ns(hub.name)
         self._add_host(hub.name)
         self._plug(hub.name, f"{hub.name}-w", WAN_IF, WAN_BRIDGE)
@@ -1231,11 +1252,12 @@ class Lab:
                 f"addr add {lan.gateway6} dev {ROUTER_LAN_IF} nodad",
             )
             self._sysctl(lan.router, "net.ipv6.conf.all.forwarding=1")
-            # The hub routes the LAN's /64 to its router, as an ISP would.
-            self._ip(
-                self.ns(self.topology.hub.name),
-                f"route add {lan.gateway6.network} via {lan.wan6.ip} dev {WAN_IF}",
-            )
+            # Each hub routes the LAN's /64 to its router, as an ISP would.
+            for hub in self.topology.hubs:
+                self._ip(
+                    self.ns(hub.name),
+                    f"route add {lan.gateway6.network} via {lan.wan6.ip} dev {WAN_IF}",
+                )
         if lan.upstream is not None:
             # Behind another router: everything beyond its LAN goes through it.
             gateway = self.topology.lan(lan.upstream).gateway.ip
@@ -1256,7 +1278,7 @@ class Lab:
     def _build_client(self, client: ClientSpec) -> None:
         ns = self.ns(client.name)
         lan = self.topology.lan(client.lan)
-        hub = self.topology.hub
+        hub = self.topology.hub_of(client.name)
         self._add_host(client.name)
         self._plug(client.name, f"{client.name}-l", CLIENT_LAN_IF, lan.name)
         self._ip(
@@ -1360,19 +1382,28 @@ class Lab:
             raise LabError(f"{iface}: no UAPI socket within {_WG_START_TIMEOUT:g} s")
 
     def _wait_handshakes(self, clients: Iterable[ClientSpec]) -> None:
-        waiting = [c.name for c in clients if c.keepalive is not None]
+        """Wait until each client that keeps alive has a handshake on its hub's device."""
+        waiting: dict[str, list[str]] = {}
+        for client in clients:
+            if client.keepalive is not None:
+                waiting.setdefault(self.topology.hub_of(client.name).name, []).append(client.name)
 
         def all_seen() -> bool:
-            hub = self.device(self.topology.hub.name)
-            return all(
-                (peer := hub.peer(self.public_key(name))) is not None
-                and peer.latest_handshake is not None
-                for name in waiting
-            )
+            for hub_name, names in waiting.items():
+                hub = self.device(hub_name)
+                if not all(
+                    (peer := hub.peer(self.public_key(name))) is not None
+                    and peer.latest_handshake is not None
+                    for name in names
+                ):
+                    return False
+            return True
 
         if not wait_for(all_seen, _HANDSHAKE_TIMEOUT, interval=0.05):
+            names = [name for names in waiting.values() for name in names]
+            hubs = " or ".join(waiting) or "the hub"
             raise LabError(
-                f"lab {self.prefix}: the hub saw no handshake from some of {waiting}"
+                f"lab {self.prefix}: {hubs} saw no handshake from some of {names}"
                 f" within {_HANDSHAKE_TIMEOUT:g} s"
             )
 

@@ -25,20 +25,23 @@ def start_server(
     lab: Lab,
     *extra: str,
     log_name: str = "server",
+    hub: str | None = None,
     interface: str | None = None,
     address: IPv4Address | None = None,
     port: int = SERVER_PORT,
     timeout: float = 15.0,
 ) -> subprocess.Popen[bytes]:
-    """Start ``wg-autopeer server`` on the hub and wait until it answers /healthz.
+    """Start ``wg-autopeer server`` on a hub and wait until it answers /healthz.
 
-    By default it serves the hub's first WireGuard device on its tunnel address;
-    ``interface`` and ``address`` pick another device (e.g. one from ``add_tunnel``),
+    By default it runs on the lab's first hub and serves its first WireGuard device on
+    its tunnel address; ``hub`` picks another hub (one from ``add_second_hub``), in whose
+    namespace it then runs, ``interface`` and ``address`` another device (e.g. one from
+    ``add_tunnel``),
     ``port`` another port (a second server process on one hub). ``extra`` arguments
     come last (a later ``--db`` wins over the default ``:memory:``).
     ``timeout`` bounds the wait (a slow machine, or an emulated one, needs longer).
     """
-    hub = lab.topology.hub.name
+    hub = hub or lab.topology.hub.name
     address = address or lab.tunnel_ip(hub)
     with ReadinessSocket(lab.lab_dir / f"{log_name}.notify") as readiness:
         proc = lab.spawn(
@@ -207,8 +210,8 @@ def agent_call(lab: Lab, host: str, command: str) -> dict[str, Any]:
 
 
 def direct_peers(lab: Lab, host: str) -> dict[str, PeerState]:
-    """The peers on ``host``'s device other than the hub, by public key."""
-    hub_key = lab.public_key(lab.topology.hub.name)
+    """The peers on ``host``'s device other than its hub, by public key."""
+    hub_key = lab.public_key(lab.topology.hub_of(host).name)
     return {p.public_key: p for p in lab.device(host).peers if p.public_key != hub_key}
 
 
