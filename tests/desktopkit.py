@@ -32,7 +32,7 @@ from dbus_fast.aio import MessageBus
 from PIL import Image, ImageChops, ImageGrab
 
 from wg_autopeer.agent.localapi import LocalApiServer, socket_path
-from wg_autopeer.lab.lab import wait_for
+from wg_autopeer.lab.netns import wait_for
 from wg_autopeer.tray_sni import ITEM_PATH, MENU_INTERFACE, MENU_PATH, WATCHER, WATCHER_PATH
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"

@@ -18,7 +18,9 @@ from labkit import LabFactory, unique_prefix
 from wg_autopeer.cli import main
 from wg_autopeer.errors import LabError
 from wg_autopeer.lab import Lab, ProcessRecord, default_topology, list_namespaces
-from wg_autopeer.lab.lab import UAPI_DIR, process_alive, read_state, state_path
+from wg_autopeer.lab.netns import process_alive
+from wg_autopeer.lab.state import read_state, state_path
+from wg_autopeer.lab.wgtools import UAPI_DIR
 
 pytestmark = pytest.mark.lab
 

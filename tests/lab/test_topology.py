@@ -11,15 +11,9 @@ import pytest
 
 from wg_autopeer.errors import LabError
 from wg_autopeer.lab import ClientSpec, LanSpec, Topology, default_topology
-from wg_autopeer.lab.lab import (
-    LabState,
-    ProcessRecord,
-    parse_wg_dump,
-    process_alive,
-    process_start_time,
-    read_state,
-    state_path,
-)
+from wg_autopeer.lab.netns import ProcessRecord, process_alive, process_start_time
+from wg_autopeer.lab.state import LabState, read_state, state_path
+from wg_autopeer.lab.wgtools import parse_wg_dump
 from wg_autopeer.wireguard.base import Endpoint
 
 KEY_A = "n8rU/Hz18z42huEV01LS1/Xc4TLgRfE8pdB87qVZ+xw="

@@ -17,7 +17,7 @@ import pytest
 
 from labkit import LabFactory
 from wg_autopeer.lab import Lab
-from wg_autopeer.lab.lab import wait_for
+from wg_autopeer.lab.netns import wait_for
 from wg_autopeer.lab.postgres import PostgresServer
 from wg_autopeer.lab.services import SERVER_PORT, direct_both_ways, start_agent, start_server
 from wg_autopeer.protocol import PATH

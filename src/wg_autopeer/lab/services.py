@@ -14,7 +14,8 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from wg_autopeer.lab.lab import Lab, wait_for
+from wg_autopeer.lab.lab import Lab
+from wg_autopeer.lab.netns import wait_for
 from wg_autopeer.lab.readiness import ReadinessSocket
 from wg_autopeer.wireguard.base import PeerState
 
