@@ -155,7 +155,7 @@ def test_second_hub_on_a_taken_address_or_another_tunnel_plan_is_refused() -> No
         tunnel=IPv4Interface("10.98.0.1/24"),
     )  # fmt: skip
     problems = topo.with_hub(clash).problems()
-    assert any("r1: WAN address 203.0.113.10 is already hubb's" in p for p in problems)
+    assert any("hubb: WAN address 203.0.113.10 is already r1's" in p for p in problems)
     assert any("2001:db8::1/64 is already hub's" in p for p in problems)
     assert any("is not the first hub's 10.99.0.1/24" in p for p in problems)
     stray = dataclasses.replace(topo.client("bob"), hub="nohub")

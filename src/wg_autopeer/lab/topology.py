@@ -290,9 +290,11 @@ class Topology:
                 problems.append(
                     f"{lan.router}: WAN address {lan.wan} is no host of {upstream.name}"
                 )
+        # Extra hubs last: a clash names the one that joined later.
         for owner, iface in [
-            *((hub.name, hub.wan) for hub in self.hubs),
+            (self.hub.name, self.hub.wan),
             *((lan.router, lan.wan) for lan in self.lans if lan.upstream is None),
+            *((hub.name, hub.wan) for hub in self.extra_hubs),
         ]:
             if iface.network != self.wan:
                 problems.append(f"{owner}: WAN address {iface} is not in {self.wan}")
