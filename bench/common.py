@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from wg_autopeer.lab import Lab, Topology, list_namespaces, wait_for
-from wg_autopeer.lab.lab import UAPI_DIR, read_state
 from wg_autopeer.lab.services import agent_dirs, start_agent
+from wg_autopeer.lab.state import read_state
+from wg_autopeer.lab.wgtools import UAPI_DIR
 from wg_autopeer.wireguard.base import DeviceState
 from wg_autopeer.wireguard.uapi import parse_device
 

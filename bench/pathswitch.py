@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from bench.common import Distribution, Options, PartResult, Row, bench_lab, log
 from wg_autopeer.lab import Lab, Topology, default_topology
-from wg_autopeer.lab.lab import wait_for
+from wg_autopeer.lab.netns import wait_for
 from wg_autopeer.lab.pingwatch import ContinuousPing, PingResult
 from wg_autopeer.lab.services import (
     direct_both_ways,

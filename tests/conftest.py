@@ -23,8 +23,8 @@ from wg_autopeer.lab import (
     lab_unavailable_reason,
     list_namespaces,
 )
-from wg_autopeer.lab.lab import read_state
 from wg_autopeer.lab.postgres import PostgresServer, postgres_unavailable_reason
+from wg_autopeer.lab.state import read_state
 
 LAB_UNAVAILABLE = lab_unavailable_reason()
 requires_root = pytest.mark.skipif(

@@ -33,7 +33,7 @@ from PIL import Image, ImageChops, ImageGrab
 
 from wg_autopeer.agent.localapi import socket_path
 from wg_autopeer.agent.localserver import LocalApiServer
-from wg_autopeer.lab.lab import wait_for
+from wg_autopeer.lab.netns import wait_for
 from wg_autopeer.tray_sni import ITEM_PATH, MENU_INTERFACE, MENU_PATH, WATCHER, WATCHER_PATH
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"

@@ -10,7 +10,7 @@ import secrets
 from collections.abc import Callable
 
 from wg_autopeer.lab import Lab, list_namespaces
-from wg_autopeer.lab.lab import UAPI_DIR
+from wg_autopeer.lab.wgtools import UAPI_DIR
 
 
 def unique_prefix(base: str = "t") -> str:

@@ -22,7 +22,7 @@ import pytest
 
 from wg_autopeer.cli import build_parser
 from wg_autopeer.lab import Lab
-from wg_autopeer.lab.lab import wait_for
+from wg_autopeer.lab.netns import wait_for
 from wg_autopeer.lab.services import agent_dirs, has_direct_peer, start_agent, start_server
 
 ROOT = Path(__file__).resolve().parents[1]

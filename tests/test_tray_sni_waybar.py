@@ -39,7 +39,7 @@ from desktopkit import (
     sway_desktop,
     sway_missing,
 )
-from wg_autopeer.lab.lab import wait_for
+from wg_autopeer.lab.netns import wait_for
 from wg_autopeer.tray_sni import ITEM_INTERFACE, ITEM_PATH
 
 MISSING = sway_missing()

@@ -36,7 +36,7 @@ from desktopkit import (
     xfce_desktop,
     xfce_missing,
 )
-from wg_autopeer.lab.lab import wait_for
+from wg_autopeer.lab.netns import wait_for
 
 MISSING = xfce_missing()
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")

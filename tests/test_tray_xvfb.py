@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from desktopkit import GREEN, GREY, RED, FakeAgent, Processes, Screen, start_xvfb, status
-from wg_autopeer.lab.lab import wait_for
+from wg_autopeer.lab.netns import wait_for
 from wg_autopeer.tray import MENU_ROW_HEIGHT as ROW_HEIGHT
 from wg_autopeer.tray import x11_tray_host
 

@@ -38,8 +38,10 @@ import pytest
 from wg_autopeer.agent.localapi import AgentNotRunning
 from wg_autopeer.lab import Lab, default_topology
 from wg_autopeer.lab.hostile import INVALID_KEYS, MANY_PEERS, Mode, hostile_key
-from wg_autopeer.lab.lab import UAPI_DIR, list_namespaces, read_state, wait_for
+from wg_autopeer.lab.netns import list_namespaces, wait_for
 from wg_autopeer.lab.services import SERVER_PORT, agent_call, agent_dirs, start_agent
+from wg_autopeer.lab.state import read_state
+from wg_autopeer.lab.wgtools import UAPI_DIR
 from wg_autopeer.wireguard.base import PeerState, is_valid_key
 
 pytestmark = pytest.mark.lab

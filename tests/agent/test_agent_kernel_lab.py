@@ -20,7 +20,7 @@ import pytest
 
 from labkit import LabFactory
 from wg_autopeer.lab import Lab, Topology, default_topology
-from wg_autopeer.lab.lab import wait_for
+from wg_autopeer.lab.netns import wait_for
 from wg_autopeer.lab.services import direct_peers, has_direct_peer, start_agent, start_server
 
 pytestmark = [pytest.mark.lab, pytest.mark.kernel]

@@ -18,7 +18,7 @@ import pytest
 
 from labkit import LabFactory
 from wg_autopeer.lab import Lab
-from wg_autopeer.lab.lab import wait_for
+from wg_autopeer.lab.netns import wait_for
 from wg_autopeer.lab.services import (
     agent_dirs,
     curl_peering,

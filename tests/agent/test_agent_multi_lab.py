@@ -28,7 +28,7 @@ import pytest
 
 from wg_autopeer.agent.localapi import AgentNotRunning
 from wg_autopeer.lab import Lab, LanSpec, default_topology
-from wg_autopeer.lab.lab import parse_wg_dump, wait_for
+from wg_autopeer.lab.netns import wait_for
 from wg_autopeer.lab.services import (
     agent_call,
     direct_both_ways,
@@ -38,6 +38,7 @@ from wg_autopeer.lab.services import (
     start_server,
 )
 from wg_autopeer.lab.topology import ExtraTunnel, Uplink
+from wg_autopeer.lab.wgtools import parse_wg_dump
 from wg_autopeer.wireguard.base import DeviceState, PeerState
 
 T2_HUB = IPv4Interface("10.98.0.1/24")

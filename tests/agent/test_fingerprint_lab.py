@@ -16,7 +16,7 @@ import pytest
 
 from labkit import LabFactory
 from wg_autopeer.lab import ClientSpec, LanSpec, Topology, default_topology
-from wg_autopeer.lab.lab import wait_for
+from wg_autopeer.lab.netns import wait_for
 from wg_autopeer.lab.services import (
     curl_peering,
     direct_peers,

@@ -15,7 +15,7 @@ import pytest
 
 from labkit import LabFactory
 from wg_autopeer.lab import Topology, default_topology
-from wg_autopeer.lab.lab import wait_for
+from wg_autopeer.lab.netns import wait_for
 from wg_autopeer.lab.services import (
     agent_call,
     direct_both_ways,

@@ -20,7 +20,7 @@ import pytest
 
 from wg_autopeer.agent.localapi import AgentNotRunning
 from wg_autopeer.lab import Lab
-from wg_autopeer.lab.lab import wait_for
+from wg_autopeer.lab.netns import wait_for
 from wg_autopeer.lab.services import (
     agent_call,
     agent_dirs,

@@ -18,7 +18,9 @@ from labkit import LabFactory, unique_prefix
 from wg_autopeer.cli import main
 from wg_autopeer.errors import LabError
 from wg_autopeer.lab import Lab, ProcessRecord, default_topology, list_namespaces
-from wg_autopeer.lab.lab import UAPI_DIR, process_alive, read_state, state_path
+from wg_autopeer.lab.netns import process_alive
+from wg_autopeer.lab.state import read_state, state_path
+from wg_autopeer.lab.wgtools import UAPI_DIR
 
 pytestmark = pytest.mark.lab
 
@@ -271,6 +273,38 @@ def test_add_lan_and_client_join_a_running_lab(lab: Lab) -> None:
     assert lab.hub_peer("dave").latest_handshake is not None
     assert lab.wait_for(lambda: lab.ping("dave", lab.tunnel_ip("alice")), timeout=10)
     assert lab.device("dave").peers[0].public_key == lab.public_key("hub")
+
+
+def test_second_hub_is_a_namespace_of_its_own_and_teardown_removes_it(tmp_path: Path) -> None:
+    prefix = unique_prefix(BASE)
+    lab = Lab(default_topology(prefix), state_dir=tmp_path)
+    with lab:
+        hub_b = lab.add_second_hub("hubb", 51821, ["bob"])
+        processes, interfaces = lab.processes, _interfaces(lab)
+        assert f"{prefix}-hubb" in list_namespaces(prefix)
+        assert lab.wg_interface("hubb") in interfaces
+        wan = lab.run("hubb", "ip", "-o", "-4", "addr", "show", "dev", "wan0").stdout
+        assert f"{hub_b.wan}" in wan
+        assert hub_b.wan != lab.topology.hub.wan
+        # On the WAN and nowhere else: no default route, so nothing leaves the lab.
+        assert "default" not in lab.run("hubb", "ip", "route", "show").stdout
+        # bob reaches hub B from behind r1's NAT; hub A knows him no more.
+        assert lab.device("hub").peer(lab.public_key("bob")) is None
+        before = lab.hub_peer("bob")
+        assert before.endpoint is not None
+        assert str(before.endpoint.address) == str(lab.wan_ip("r1"))
+        assert lab.ping("bob", lab.tunnel_ip("hub"))
+        assert lab.hub_peer("bob").rx_bytes > before.rx_bytes
+        assert lab.ping("alice", lab.tunnel_ip("hub"))
+
+        # A taken WAN address is refused and changes nothing.
+        namespaces = list_namespaces(prefix)
+        with pytest.raises(LabError, match=r"hubc: WAN address 203\.0\.113\.10 is already r1's"):
+            lab.add_second_hub("hubc", 51822, ["carol"], wan=IPv4Interface("203.0.113.10/24"))
+        assert list_namespaces(prefix) == namespaces
+        assert lab.topology.hub_of("carol").name == "hub"
+        assert lab.ping("carol", lab.tunnel_ip("hub"))
+    assert_lab_gone(prefix, processes, interfaces)
 
 
 def test_private_keys_are_files_only_root_can_read(lab: Lab) -> None:

@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Interface
 from pathlib import Path
 
 import pytest
 
 from wg_autopeer.errors import LabError
 from wg_autopeer.lab import ClientSpec, LanSpec, Topology, default_topology
-from wg_autopeer.lab.lab import (
-    LabState,
-    ProcessRecord,
-    parse_wg_dump,
-    process_alive,
-    process_start_time,
-    read_state,
-    state_path,
-)
+from wg_autopeer.lab.netns import ProcessRecord, process_alive, process_start_time
+from wg_autopeer.lab.state import LabState, read_state, state_path
+from wg_autopeer.lab.wgtools import parse_wg_dump
 from wg_autopeer.wireguard.base import Endpoint
 
 KEY_A = "n8rU/Hz18z42huEV01LS1/Xc4TLgRfE8pdB87qVZ+xw="
@@ -131,6 +125,41 @@ def test_two_nat_lans_may_share_one_private_network() -> None:
         "dave", "lan3", IPv4Interface("192.168.50.10/24"), IPv4Interface("10.99.0.5/24")
     )
     topo.with_lan(lan3).with_client(dave).validate()
+
+
+def test_second_hub_gets_a_namespace_and_clients_of_its_own() -> None:
+    topo = default_topology("wl")
+    hubb = dataclasses.replace(
+        topo.hub, name="hubb", wan=IPv4Interface("203.0.113.2/24"), listen_port=51821
+    )
+    bob = dataclasses.replace(topo.client("bob"), hub="hubb")
+    # Both hubs sit on one WAN bridge: the IPv6 address must differ as well.
+    assert topo.with_hub(hubb).with_client_replaced(bob).problems() == [
+        "hubb: WAN address 2001:db8::1/64 is already hub's"
+    ]
+    hubb = dataclasses.replace(hubb, wan6=IPv6Interface("2001:db8::2/64"))
+    two = topo.with_hub(hubb).with_client_replaced(bob)
+    two.validate()
+    assert "wl-hubb" in two.namespaces()
+    assert two.wg_hosts()[:2] == ("hub", "hubb")
+    assert two.hub_of("bob") == hubb
+    assert two.hub_of("alice") == topo.hub
+    assert [c.name for c in two.hub_clients("hubb")] == ["bob"]
+    assert [c.name for c in two.hub_clients("hub")] == ["alice", "carol"]
+
+
+def test_second_hub_on_a_taken_address_or_another_tunnel_plan_is_refused() -> None:
+    topo = default_topology("wl")
+    clash = dataclasses.replace(
+        topo.hub, name="hubb", wan=IPv4Interface("203.0.113.10/24"),
+        tunnel=IPv4Interface("10.98.0.1/24"),
+    )  # fmt: skip
+    problems = topo.with_hub(clash).problems()
+    assert any("hubb: WAN address 203.0.113.10 is already r1's" in p for p in problems)
+    assert any("2001:db8::1/64 is already hub's" in p for p in problems)
+    assert any("is not the first hub's 10.99.0.1/24" in p for p in problems)
+    stray = dataclasses.replace(topo.client("bob"), hub="nohub")
+    assert any("unknown hub 'nohub'" in p for p in topo.with_client_replaced(stray).problems())
 
 
 def test_non_positive_rate_is_refused_and_none_means_unlimited() -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from wg_autopeer.lab import Lab, Topology, default_topology
-from wg_autopeer.lab.lab import wait_for
+from wg_autopeer.lab.netns import wait_for
 from wg_autopeer.lab.services import SERVER_PORT, start_server
 from wg_autopeer.lab.topology import ClientSpec, LanSpec
 from wg_autopeer.protocol import PATH

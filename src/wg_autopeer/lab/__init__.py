@@ -3,16 +3,15 @@ and benchmarks."""
 
 from __future__ import annotations
 
-from wg_autopeer.lab.lab import (
-    CleanupReport,
-    Lab,
-    LabStatus,
+from wg_autopeer.lab.lab import Lab
+from wg_autopeer.lab.netns import (
     ProcessRecord,
     kernel_wireguard_unavailable_reason,
     lab_unavailable_reason,
     list_namespaces,
     wait_for,
 )
+from wg_autopeer.lab.state import CleanupReport, LabStatus
 from wg_autopeer.lab.topology import ClientSpec, HubSpec, LanSpec, Topology, default_topology
 
 __all__ = [

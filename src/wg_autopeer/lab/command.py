@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from wg_autopeer.errors import LabError
-from wg_autopeer.lab.lab import DEFAULT_STATE_DIR, Lab
+from wg_autopeer.lab.lab import Lab
+from wg_autopeer.lab.state import DEFAULT_STATE_DIR
 from wg_autopeer.lab.topology import default_topology
 
 

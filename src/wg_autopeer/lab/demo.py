@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from wg_autopeer.lab.lab import Lab, wait_for
+from wg_autopeer.lab.lab import Lab
+from wg_autopeer.lab.netns import wait_for
 from wg_autopeer.lab.services import direct_peers, has_direct_peer, start_agent, start_server
 from wg_autopeer.lab.topology import default_topology
 

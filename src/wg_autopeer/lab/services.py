@@ -15,7 +15,8 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from wg_autopeer.lab.lab import Lab, wait_for
+from wg_autopeer.lab.lab import Lab
+from wg_autopeer.lab.netns import wait_for
 from wg_autopeer.lab.readiness import ReadinessSocket
 from wg_autopeer.wireguard.base import PeerState
 
@@ -26,16 +27,19 @@ def start_server(
     lab: Lab,
     *extra: str,
     log_name: str = "server",
+    hub: str | None = None,
     interface: str | None = None,
     address: IPv4Address | None = None,
     port: int = SERVER_PORT,
     timeout: float = 15.0,
     on_ready: Callable[[str], None] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start ``wg-autopeer server`` on the hub and wait until it answers /healthz.
+    """Start ``wg-autopeer server`` on a hub and wait until it answers /healthz.
 
-    By default it serves the hub's first WireGuard device on its tunnel address;
-    ``interface`` and ``address`` pick another device (e.g. one from ``add_tunnel``),
+    By default it runs on the lab's first hub and serves its first WireGuard device on
+    its tunnel address; ``hub`` picks another hub (one from ``add_second_hub``), in whose
+    namespace it then runs, ``interface`` and ``address`` another device (e.g. one from
+    ``add_tunnel``),
     ``port`` another port (a second server process on one hub). ``extra`` arguments
     come last (a later ``--db`` wins over the default ``:memory:``).
     ``timeout`` bounds the wait (a slow machine, or an emulated one, needs longer).
@@ -44,7 +48,7 @@ def start_server(
     device has been read as well.
     """
     started = time.monotonic()
-    hub = lab.topology.hub.name
+    hub = hub or lab.topology.hub.name
     address = address or lab.tunnel_ip(hub)
     with ReadinessSocket(lab.lab_dir / f"{log_name}.notify") as readiness:
         proc = lab.spawn(
@@ -223,8 +227,8 @@ def agent_call(lab: Lab, host: str, command: str) -> dict[str, Any]:
 
 
 def direct_peers(lab: Lab, host: str) -> dict[str, PeerState]:
-    """The peers on ``host``'s device other than the hub, by public key."""
-    hub_key = lab.public_key(lab.topology.hub.name)
+    """The peers on ``host``'s device other than its hub, by public key."""
+    hub_key = lab.public_key(lab.topology.hub_of(host).name)
     return {p.public_key: p for p in lab.device(host).peers if p.public_key != hub_key}
 
 

@@ -109,6 +109,9 @@ class ClientSpec:
     hub_over_ipv6: bool = False
     keepalive: int | None = 25
     wireguard: WireGuardKind = "userspace"
+    # The hub this client is connected to: None for the lab's first hub, else the name
+    # of one of ``Topology.extra_hubs``.
+    hub: str | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,9 @@ class Topology:
     hub: HubSpec = field(default_factory=HubSpec)
     lans: tuple[LanSpec, ...] = ()
     clients: tuple[ClientSpec, ...] = ()
+    # Further hubs, each a namespace of its own on the WAN, with its own WireGuard device
+    # but the first hub's tunnel address plan (several hubs over one registry).
+    extra_hubs: tuple[HubSpec, ...] = ()
 
     # Names -----------------------------------------------------------------
 
@@ -135,17 +141,43 @@ class Topology:
     def switch_ns(self) -> str:
         return self.ns(SWITCH_HOST)
 
+    @property
+    def hubs(self) -> tuple[HubSpec, ...]:
+        """The first hub, then the extra ones."""
+        return (self.hub, *self.extra_hubs)
+
     def hosts(self) -> tuple[str, ...]:
-        """Every host that gets a namespace, switch excluded: hub, routers, clients."""
-        return (self.hub.name, *(lan.router for lan in self.lans), *(c.name for c in self.clients))
+        """Every host that gets a namespace, switch excluded: hubs, routers, clients."""
+        return (
+            *(hub.name for hub in self.hubs),
+            *(lan.router for lan in self.lans),
+            *(c.name for c in self.clients),
+        )
 
     def wg_hosts(self) -> tuple[str, ...]:
-        """Hosts that run WireGuard: the hub and every client."""
-        return (self.hub.name, *(c.name for c in self.clients))
+        """Hosts that run WireGuard: the hubs and every client."""
+        return (*(hub.name for hub in self.hubs), *(c.name for c in self.clients))
+
+    def hub_spec(self, name: str) -> HubSpec | None:
+        """The hub named ``name`` (first or extra), or None when ``name`` is no hub."""
+        return next((hub for hub in self.hubs if hub.name == name), None)
+
+    def hub_of(self, client: str) -> HubSpec:
+        """The hub client ``client`` is connected to."""
+        name = self.client(client).hub
+        hub = self.hub if name is None else self.hub_spec(name)
+        if hub is None:
+            raise LabError(f"client {client!r} is on unknown hub {name!r} in lab {self.prefix!r}")
+        return hub
+
+    def hub_clients(self, hub: str) -> tuple[ClientSpec, ...]:
+        """The clients connected to hub ``hub``."""
+        return tuple(c for c in self.clients if (c.hub or self.hub.name) == hub)
 
     def wireguard_kind(self, host: str) -> WireGuardKind:
         """Whether the hub or client ``host`` runs wireguard-go or a kernel device."""
-        return self.hub.wireguard if host == self.hub.name else self.client(host).wireguard
+        hub = self.hub_spec(host)
+        return hub.wireguard if hub is not None else self.client(host).wireguard
 
     @property
     def uses_kernel_wireguard(self) -> bool:
@@ -179,6 +211,9 @@ class Topology:
 
     def with_lan(self, spec: LanSpec) -> Topology:
         return replace(self, lans=(*self.lans, spec))
+
+    def with_hub(self, spec: HubSpec) -> Topology:
+        return replace(self, extra_hubs=(*self.extra_hubs, spec))
 
     def with_client_replaced(self, spec: ClientSpec) -> Topology:
         return replace(
@@ -231,9 +266,12 @@ class Topology:
         for bridge in sorted({b for b in bridges if bridges.count(b) > 1}):
             problems.append(f"LAN name {bridge!r} is used twice (or is reserved)")
         lan_names = {lan.name for lan in self.lans}
+        hub_names = {hub.name for hub in self.hubs}
         for client in self.clients:
             if client.lan not in lan_names:
                 problems.append(f"client {client.name!r} is on unknown LAN {client.lan!r}")
+            if client.hub is not None and client.hub not in hub_names:
+                problems.append(f"client {client.name!r} is on unknown hub {client.hub!r}")
         return problems
 
     def _address_problems(self) -> list[str]:
@@ -252,9 +290,11 @@ class Topology:
                 problems.append(
                     f"{lan.router}: WAN address {lan.wan} is no host of {upstream.name}"
                 )
+        # Extra hubs last: a clash names the one that joined later.
         for owner, iface in [
             (self.hub.name, self.hub.wan),
             *((lan.router, lan.wan) for lan in self.lans if lan.upstream is None),
+            *((hub.name, hub.wan) for hub in self.extra_hubs),
         ]:
             if iface.network != self.wan:
                 problems.append(f"{owner}: WAN address {iface} is not in {self.wan}")
@@ -266,7 +306,22 @@ class Topology:
                 )
             wan_owners.setdefault(iface.ip, owner)
 
+        wan6_owners: dict[IPv6Interface, str] = {}
+        for hub in self.hubs:
+            if hub.wan6 in wan6_owners:
+                problems.append(
+                    f"{hub.name}: WAN address {hub.wan6} is already {wan6_owners[hub.wan6]}'s"
+                )
+            wan6_owners.setdefault(hub.wan6, hub.name)
+
         tunnel_net = self.hub.tunnel.network
+        # Every hub is the gateway of the one tunnel address plan, each in its own namespace.
+        for hub in self.extra_hubs:
+            if hub.tunnel != self.hub.tunnel:
+                problems.append(
+                    f"{hub.name}: tunnel address {hub.tunnel} is not"
+                    f" the first hub's {self.hub.tunnel}"
+                )
         tunnel_owners: dict[IPv4Address, str] = {self.hub.tunnel.ip: self.hub.name}
         for client in self.clients:
             if client.tunnel.ip not in tunnel_net:
@@ -300,11 +355,11 @@ class Topology:
     def _port_problems(self) -> list[str]:
         problems: list[str] = []
         ports = [
-            (self.hub.name, self.hub.listen_port),
+            *((hub.name, hub.listen_port) for hub in self.hubs),
             *((c.name, c.listen_port) for c in self.clients),
         ]
         for owner, kind in [
-            (self.hub.name, self.hub.wireguard),
+            *((hub.name, hub.wireguard) for hub in self.hubs),
             *((c.name, c.wireguard) for c in self.clients),
         ]:
             if kind not in WIREGUARD_KINDS:
@@ -315,8 +370,9 @@ class Topology:
         for client in self.clients:
             if client.keepalive is not None and not 1 <= client.keepalive <= 65535:
                 problems.append(f"{client.name}: keepalive {client.keepalive} is out of range")
-        if self.hub.rate_mbit is not None and self.hub.rate_mbit <= 0:
-            problems.append(f"hub rate {self.hub.rate_mbit} Mbit/s must be positive")
+        for hub in self.hubs:
+            if hub.rate_mbit is not None and hub.rate_mbit <= 0:
+                problems.append(f"{hub.name} rate {hub.rate_mbit} Mbit/s must be positive")
         return problems
 
 

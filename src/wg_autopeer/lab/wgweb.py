@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from ipaddress import ip_address, ip_interface
 
 from wg_autopeer.lab.hostile import MAX_REQUEST_HEAD, read_request, simple_answer
-from wg_autopeer.lab.lab import parse_wg_dump
+from wg_autopeer.lab.wgtools import parse_wg_dump
 from wg_autopeer.protocol import PATH
 from wg_autopeer.wireguard.base import DeviceState, PeerState
 
