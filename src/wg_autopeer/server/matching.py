@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address, IPv6Network, ip_interface
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from wg_autopeer.protocol import LanEntry, PeerOffer
 from wg_autopeer.wireguard.base import IPAddress, IPNetwork
@@ -32,7 +32,7 @@ def public_identity(address: IPAddress) -> PublicIdentity:
     return address
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class ReportedLan:
     """One address a client reported on its LAN, with that LAN's gateway."""
 
@@ -45,7 +45,10 @@ class ReportedLan:
 
     @property
     def network(self) -> IPNetwork:
-        return ip_interface(f"{self.address}/{self.prefix}").network
+        # From the integer: building it from text re-parses the address every time.
+        if self.address.version == 4:
+            return IPv4Network((int(self.address), self.prefix), strict=False)
+        return IPv6Network((int(self.address), self.prefix), strict=False)
 
     @classmethod
     def from_entry(cls, entry: LanEntry) -> ReportedLan:
@@ -55,9 +58,14 @@ class ReportedLan:
         """Same gateway and network, and no fingerprint that tells the two LANs apart:
         homes behind one carrier-grade NAT with the same router defaults
         (192.168.1.0/24 via 192.168.1.1) differ in their router's MAC address."""
+        # Same network, compared as integers: building both networks costs more than
+        # the whole rest of an answer.
+        mine, theirs = self.address, other.address
         return (
             self.gateway == other.gateway
-            and self.network == other.network
+            and self.prefix == other.prefix
+            and mine.version == theirs.version
+            and (int(mine) ^ int(theirs)) >> (mine.max_prefixlen - self.prefix) == 0
             and (
                 self.gateway_mac is None
                 or other.gateway_mac is None
@@ -82,7 +90,7 @@ class ReportedLan:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class GroupKey:
     """A LAN as seen from the internet: public identity, gateway and network."""
 
@@ -91,7 +99,7 @@ class GroupKey:
     network: IPNetwork
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Registration:
     """What the server knows about one client; soft state that expires at ``expires_at``."""
 

@@ -31,7 +31,12 @@ def etag_of(answer: PeeringAnswer, *, registered: bool = True) -> str:
     its own blocking query must end even if its peer list was empty before and
     after, so that it reports again at once instead of at the next timeout.
     """
-    digest = hashlib.sha256(answer_bytes(answer) + (b"" if registered else b"\0unregistered"))
+    return etag_of_body(answer_bytes(answer), registered=registered)
+
+
+def etag_of_body(body: bytes, *, registered: bool = True) -> str:
+    """``etag_of`` the answer whose ``answer_bytes`` are ``body``."""
+    digest = hashlib.sha256(body + (b"" if registered else b"\0unregistered"))
     return f'"{digest.hexdigest()[:20]}"'
 
 
@@ -106,7 +111,7 @@ class Registry:
         requester = self._regs.get(pubkey)
         current = self.answer_for(pubkey, now)
         body = answer_bytes(current)
-        etag = etag_of(current, registered=requester is not None)
+        etag = etag_of_body(body, registered=requester is not None)
         if requester is not None and requester.expires_at > now:
             valid = min(
                 [
