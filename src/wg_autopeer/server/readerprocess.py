@@ -75,9 +75,14 @@ def _serve_reads(reader: DeviceReader, conn: Connection) -> None:
                 conn.send(_ReadFailed(type(exc).__name__, exc.interface, exc.reason))
                 continue
             peers = list(delta.changed.values())
+            done = _ReadDone(delta.removed, delta.full, delta.peers)
+            # Not held while waiting for the next request: a full read's peers are the
+            # device's every peer, parsed.
+            del delta
             for start in range(0, len(peers), PEERS_PER_MESSAGE):
                 conn.send(peers[start : start + PEERS_PER_MESSAGE])
-            conn.send(_ReadDone(delta.removed, delta.full, delta.peers))
+            del peers
+            conn.send(done)
     finally:
         reader.close()
 
