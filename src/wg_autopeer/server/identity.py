@@ -244,7 +244,8 @@ class HubView:
 
     async def _read(self, started: float) -> bool:
         self.attempted_at = started
-        full, self._resync = self._resync, True  # until this read's delta is applied
+        # Until this read's delta is applied. A view that never read asks for every peer.
+        full, self._resync = self._resync or self.refreshed_at is None, True
         loop = asyncio.get_running_loop()
         self.reads += 1
         try:
@@ -277,10 +278,22 @@ class HubView:
         return True
 
     def _read_in_thread(self, full: bool) -> tuple[HubDelta, HubSnapshot | None]:
-        delta = self.reader.read(full=full)
+        if full:
+            # Every peer (the first read, or a resync): indexed here, off the loop, as
+            # they come, so that no full set of parsed peers is ever held.
+            fresh = HubSnapshot()
+            delta = self.reader.read_each(
+                lambda peers: fresh.apply(HubDelta({p.public_key: p for p in peers})), full=True
+            )
+            return delta, fresh
+        changed: dict[str, PeerState] = {}
+        delta = self.reader.read_each(
+            lambda peers: changed.update((p.public_key, p) for p in peers)
+        )
+        delta = HubDelta(changed, delta.removed, full=delta.full, peers=delta.peers)
         if not delta.full:
             return delta, None
-        # Every peer at once (the first read): index them here too, off the loop.
+        # The reader started afresh by itself (it lost track): every peer is in ``changed``.
         fresh = HubSnapshot()
         fresh.apply(delta)
         return delta, fresh
