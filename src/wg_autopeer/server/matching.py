@@ -153,6 +153,20 @@ def _offer(neighbour: Registration, lan: ReportedLan) -> PeerOffer:
     )
 
 
+def offer_fields(neighbour: Registration, lan: ReportedLan) -> dict[str, object]:
+    """``_offer(neighbour, lan)`` as its wire JSON object (``exclude_none``), built without
+    the pydantic model: the answer's hot path encodes these directly."""
+    ips = [str(ip) for ip in neighbour.tunnel_ips]
+    if lan.listen_port is None:
+        return {"pubkey": neighbour.pubkey, "ip": ips}
+    return {
+        "pubkey": neighbour.pubkey,
+        "endpoint": str(lan.address),
+        "port": lan.listen_port,
+        "ip": ips,
+    }
+
+
 def neighbours(
     requester: Registration,
     index: Mapping[GroupKey, Iterable[str]],
@@ -165,6 +179,21 @@ def neighbours(
     ``index`` maps each group to the keys registered in it; only the requester's groups
     are visited. Expired registrations and keys the policy refuses are left out.
     """
+    return [
+        _offer(reg, lan)
+        for reg, lan in neighbour_lans(requester, index, registrations, policy, now)
+    ]
+
+
+def neighbour_lans(
+    requester: Registration,
+    index: Mapping[GroupKey, Iterable[str]],
+    registrations: Mapping[str, Registration],
+    policy: Policy,
+    now: float,
+) -> list[tuple[Registration, ReportedLan]]:
+    """What ``neighbours`` offers, before it is made offers: each neighbour's registration
+    and the LAN entry to offer, sorted by key."""
     if not policy.permits(requester.pubkey) or requester.expires_at <= now:
         return []
     # Per neighbour, the LAN entry to offer: one with a listen port wins, then entry order.
@@ -185,4 +214,4 @@ def neighbours(
                     if previous is None or other_lan.listen_port is not None:
                         chosen[pubkey] = (other, other_lan)
                     break
-    return [_offer(reg, lan) for _, (reg, lan) in sorted(chosen.items())]
+    return [chosen[key] for key in sorted(chosen)]
