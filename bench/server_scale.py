@@ -164,7 +164,21 @@ def server_logging(path: Path) -> Iterator[None]:
         handler.close()
 
 
+def hub_reader(db: Path) -> ProcessReader:
+    """The real UAPI reader and parser in its own process, as the server command runs it;
+    the link check is the one thing left out (the synthetic device has no interface).
+
+    Make it first thing, as the command does: a child forked after the benchmark built
+    its population would share those pages, and its RSS would count them a second time.
+    """
+    socket_dir = db.parent / "uapi"
+    return ProcessReader(
+        IFACE, lambda: UapiReader(IFACE, socket_dir, link_exists=lambda name: True)
+    )
+
+
 async def with_server(
+    reader: ProcessReader,
     clients: list[Client],
     db: Path,
     body: Callable[[int, Coordinator, Case], Awaitable[T]],
@@ -193,16 +207,16 @@ async def with_server(
     try:
         ready = await asyncio.wait_for(device.stdout.readline(), 120)
         require(ready.strip() == b"ready", "the synthetic UAPI device did not start")
-        return await serve_with(clients, db, socket_dir, body, case)
+        return await serve_with(reader, clients, db, body, case)
     finally:
         device.kill()
         await device.wait()
 
 
 async def serve_with(
+    reader: ProcessReader,
     clients: list[Client],
     db: Path,
-    socket_dir: Path,
     body: Callable[[int, Coordinator, Case], Awaitable[T]],
     case: Case,
 ) -> T:
@@ -219,11 +233,6 @@ async def serve_with(
     # here (one request per client would take minutes), loaded by the server itself.
     with BulkStore(db) as store:
         store.put_all(registration(c, config.ttl) for c in clients)
-    # The real UAPI reader and parser in its own process, as the server command runs it;
-    # the link check is the one thing left out (the synthetic device has no interface).
-    reader = ProcessReader(
-        IFACE, lambda: UapiReader(IFACE, socket_dir, link_exists=lambda name: True)
-    )
     case.reader_pid = reader.pid or 0
     started = time.perf_counter()
     app = create_app(config, FakeWireGuard(), reader=reader)
@@ -410,6 +419,8 @@ async def loadgen(*args: str) -> dict[str, Any]:
 async def load_case(
     size: int, distribution: str, options: Options, duration: float, concurrency: int
 ) -> Case:
+    db = options.out / "server-scale.db"
+    reader = hub_reader(db)
     case = Case(size, distribution)
     clients = population(size, distribution)
 
@@ -433,10 +444,12 @@ async def load_case(
         case.stalls_over_5ms = sum(1 for lag in lags if lag > TARGET_STALL_MS / 1000)
         return case
 
-    return await with_server(clients, options.out / "server-scale.db", body, case)
+    return await with_server(reader, clients, db, body, case)
 
 
 async def blocking_case(options: Options, changes: int, idle: float) -> dict[str, Any]:
+    db = options.out / "server-scale.db"
+    reader = hub_reader(db)
     clients = population(BLOCKING_REGISTRY, "distinct")
     case = Case(BLOCKING_REGISTRY, "distinct")
 
@@ -450,7 +463,7 @@ async def blocking_case(options: Options, changes: int, idle: float) -> dict[str
         result["registry"] = BLOCKING_REGISTRY
         return result
 
-    return await with_server(clients, options.out / "server-scale.db", body, case)
+    return await with_server(reader, clients, db, body, case)
 
 
 def plot(cases: list[Case], path: Path) -> None:

@@ -20,7 +20,7 @@ from wg_autopeer.server.matching import (
     neighbours,
     public_identity,
 )
-from wg_autopeer.server.registry import Registry
+from wg_autopeer.server.registry import Registry, answer_bytes, etag_of
 
 
 def key(n: int) -> str:
@@ -276,3 +276,27 @@ def test_gateway_mac_is_validated_and_normalised() -> None:
     assert entry.gateway_mac == "52:54:00:ab:cd:01"
     with pytest.raises(ValidationError):
         LanEntry(pubkey=A, ip="192.168.1.10", netmask=24, gateway="192.168.1.1", gateway_mac="nope")
+
+
+def test_answer_body_is_the_models_wire_encoding() -> None:
+    # The registry encodes answers without the pydantic models; the bytes (and so the
+    # ETags clients hold) must be those of the models.
+    registry = Registry(Policy())
+    a = reg(A, "203.0.113.7", ("192.168.1.10", 24, "192.168.1.1", 51820))
+    b = reg(B, "203.0.113.7", ("192.168.1.11", 24, "192.168.1.1", None), tunnel="10.99.0.2")
+    c = reg(
+        C,
+        "203.0.113.7",
+        ("192.168.1.12", 24, "192.168.1.1", 51821),
+        ("2001:db8:1::12", 64, "2001:db8:1::1", 51821),
+        tunnel="10.99.0.3",
+    )
+    for r in (a, b, c):
+        registry.put(r, NOW)
+    for k in (A, B, C, key(9)):
+        body, etag = registry.answer(k, NOW)
+        model = registry.answer_for(k, NOW)
+        assert body == answer_bytes(model)
+        assert etag == etag_of(model, registered=k != key(9))
+    assert b'"endpoint"' in registry.answer(A, NOW)[0]
+    assert len(registry.answer(A, NOW)[0]) > len(b'{"peers":[]}')

@@ -15,7 +15,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from ipaddress import ip_address
@@ -205,12 +205,24 @@ def _short(key: str | None) -> str:
     return key[:8] if key else "-"
 
 
-class RequestLogMiddleware:
-    """One log line and one metric sample per request; turns a bug into a logged JSON 500."""
+Handler = Callable[[Request], Awaitable[Response]]
 
-    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+
+class RequestLogMiddleware:
+    """One log line and one metric sample per request; turns a bug into a logged JSON 500.
+
+    ``direct`` maps (method, path) to a handler called here, past FastAPI's routing,
+    dependency and exception layers: for the hot path (peering requests), whose handler
+    reads and checks everything itself, those layers cost more than the handler. The
+    same handler stays registered with FastAPI (OpenAPI, and paths under a root path).
+    """
+
+    def __init__(
+        self, app: ASGIApp, metrics: ServerMetrics, direct: dict[tuple[str, str], Handler]
+    ) -> None:
         self.app = app
         self.metrics = metrics
+        self.direct = direct
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -226,8 +238,15 @@ class RequestLogMiddleware:
                 status = message["status"]
             await send(message)
 
+        handler = None
+        if not scope.get("root_path"):
+            handler = self.direct.get((scope["method"], scope["path"]))
         try:
-            await self.app(scope, receive, send_wrapper)
+            if handler is None:
+                await self.app(scope, receive, send_wrapper)
+            else:
+                response = await handler(Request(scope, receive))
+                await response(scope, receive, send_wrapper)
         except Exception:
             log.exception("bug while answering %s %s", scope.get("method"), scope.get("path"))
             state["outcome"] = "error"
@@ -326,7 +345,8 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.coordinator = core
-    app.add_middleware(RequestLogMiddleware, metrics=core.metrics)
+    direct: dict[tuple[str, str], Handler] = {}
+    app.add_middleware(RequestLogMiddleware, metrics=core.metrics, direct=direct)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -408,6 +428,8 @@ def create_app(
         await core.hold_for_neighbours(registration)
         return await answer(request, peer.public_key)
 
+    direct["POST", PATH] = peering_request
+
     async def fresh_peer(request: Request, peer: HubPeer, arrived: float) -> HubPeer:
         if core.handshake_is_fresh(peer) and peer.public_ip is not None:
             return peer
@@ -458,8 +480,9 @@ def create_app(
         waiting = False
         try:
             while True:
-                # Take the event first: a change after this point sets it.
-                event = core.registry.change_event(pubkey)
+                # Take the event first: a change after this point sets it. Only a query
+                # that may wait needs one (an event per client costs memory).
+                event = core.registry.change_event(pubkey) if wait else None
                 body, etag = core.registry.answer(pubkey, core.clock())
                 if etag not in held:
                     request.state.outcome = "ok"
@@ -478,6 +501,7 @@ def create_app(
                     core.waiting += 1
                     core.metrics.waiting.inc()
                 # One awaited event and one timer per waiter; no task, nothing polls.
+                assert event is not None  # remaining > 0: wait was asked for
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(remaining):
                         await event.wait()

@@ -83,6 +83,8 @@ class Coordinator:
         self.changed_at: dict[str, float] = {}
         self.answered_at: dict[str, float] = {}
         self._answered = asyncio.Condition()
+        # Holds waiting on ``_answered`` right now: without any, an answer notifies nobody.
+        self._holding = 0
         self.registry = Registry(config.policy, store)
         self.shared = store if isinstance(store, SharedStore) else None
         # The shared store's change feed: connected or not, and the groups to re-read.
@@ -166,8 +168,9 @@ class Coordinator:
     async def answered(self, pubkey: str) -> None:
         """Record that ``pubkey`` was just sent an answer (its current neighbours)."""
         self.answered_at[pubkey] = self.monotonic()
-        async with self._answered:
-            self._answered.notify_all()
+        if self._holding:
+            async with self._answered:
+                self._answered.notify_all()
 
     async def hold_for_neighbours(self, registration: Registration) -> None:
         """Make before break for clients that route at once (the seed's agent reports no
@@ -201,10 +204,14 @@ class Coordinator:
 
         if told():
             return
-        async with self._answered:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(HOLD_MAX):
-                    await self._answered.wait_for(told)
+        self._holding += 1
+        try:
+            async with self._answered:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(HOLD_MAX):
+                        await self._answered.wait_for(told)
+        finally:
+            self._holding -= 1
         # The neighbour's agent applies its answer in milliseconds; leave it a margin.
         await asyncio.sleep(APPLY_MARGIN)
 

@@ -48,8 +48,9 @@ READ_TIMEOUT_S = 5.0
 class HubDelta:
     """What one read found: peers new or changed since the previous read, keys gone.
 
-    ``full``: ``changed`` holds every peer of the device (a first read, or one after
-    the reader lost track); the view replaces everything it had.
+    ``full``: the read handed every peer of the device (a first read, or one after
+    the reader lost track), in ``changed`` or to ``read_each``'s sink; the view replaces
+    everything it had.
     """
 
     changed: dict[str, PeerState]
@@ -65,12 +66,26 @@ class HubDelta:
             yield HubDelta(dict(items[start : start + size]), peers=self.peers)
 
 
+PeerSink = Callable[[list[PeerState]], None]
+
+
 class DeviceReader(abc.ABC):
     """Reads one device from one worker thread; blocking calls, one at a time."""
 
     @abc.abstractmethod
     def read(self, *, full: bool = False) -> HubDelta:
         """Read the device; ``full`` forgets the previous read. Raises ``WireGuardError``."""
+
+    def read_each(self, sink: PeerSink, *, full: bool = False) -> HubDelta:
+        """As ``read``, but the changed peers go to ``sink`` a batch at a time, and the delta
+        returned holds none of them. A reader that parses as it receives (UAPI) never holds
+        every parsed peer of a full read at once: at 100 000 peers, freed or not, that
+        memory stays with the process (its arenas are shared with what is kept)."""
+        delta = self.read(full=full)
+        peers = list(delta.changed.values())
+        for start in range(0, len(peers), PARSE_BATCH):
+            sink(peers[start : start + PARSE_BATCH])
+        return HubDelta({}, delta.removed, full=delta.full, peers=delta.peers)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the reader's connection (called from the worker thread)."""
@@ -105,14 +120,20 @@ _ERRNO = b"\nerrno="
 class _UapiStream:
     """Splits a ``get=1`` answer into per-peer records as it arrives, diffing as it goes.
 
-    ``records`` (the previous read's) is updated in place: an unchanged record is
-    dropped as soon as it is compared, so no second copy of the device is kept and
-    none has to be freed at once (freeing 100 000 records would hold the GIL).
+    ``records`` (the previous read's record hashes, by hex key) is updated in place: an
+    unchanged record is dropped as soon as it is compared, so no second copy of the
+    device is kept and none has to be freed at once (freeing 100 000 records would hold
+    the GIL). ``changed`` holds the records that are new or changed, in full.
     """
 
-    records: dict[bytes, bytes]
+    records: dict[bytes, int]
+    # If given, called with ``changed`` each time it holds ``PARSE_BATCH`` records (which
+    # then start again from none), and at the end with the rest (``flush``).
+    on_changed: Callable[[list[bytes]], None] | None = None
     seen: list[bytes] = field(default_factory=list)
     changed: list[bytes] = field(default_factory=list)
+    # Seconds spent in ``on_changed``: our own work, not the device's slowness.
+    handling_s: float = 0.0
     # The record being received: from just after its ``public_key=`` to here.
     pending: bytes = b""
     header_done: bool = False
@@ -158,9 +179,24 @@ class _UapiStream:
             return
         key = record[:64]
         self.seen.append(key)
-        if self.records.get(key) != record:
-            self.records[key] = record
-            self.changed.append(key)
+        # What is kept of a record between reads: its hash, not its few hundred bytes. A
+        # change goes unnoticed only if both records hash alike (SipHash, keyed per
+        # process: 2**-64), and then only until the peer's next handshake changes it.
+        # A cryptographic digest costs the reader half as much time again.
+        digest = hash(record)
+        if self.records.get(key) != digest:
+            self.records[key] = digest
+            self.changed.append(record)
+            if self.on_changed is not None and len(self.changed) >= PARSE_BATCH:
+                self.flush()
+
+    def flush(self) -> None:
+        """Hand the changed records not handed yet to ``on_changed``."""
+        if self.on_changed is not None and self.changed:
+            changed, self.changed = self.changed, []
+            started = time.monotonic()
+            self.on_changed(changed)
+            self.handling_s += time.monotonic() - started
 
 
 class UapiReader(DeviceReader):
@@ -182,30 +218,40 @@ class UapiReader(DeviceReader):
         self.path = Path(socket_dir) / f"{interface}.sock"
         self.link_exists = link_exists
         self.timeout = timeout
-        self._previous: dict[bytes, bytes] = {}
+        # The previous read's record hashes, by hex key (see ``_UapiStream._add``).
+        self._previous: dict[bytes, int] = {}
 
     def read(self, *, full: bool = False) -> HubDelta:
+        changed: dict[str, PeerState] = {}
+
+        def take(peers: list[PeerState]) -> None:
+            changed.update((peer.public_key, peer) for peer in peers)
+
+        delta = self.read_each(take, full=full)
+        return HubDelta(changed, delta.removed, full=delta.full, peers=delta.peers)
+
+    def read_each(self, sink: PeerSink, *, full: bool = False) -> HubDelta:
         from wg_autopeer.wireguard.uapi import parse_device
+
+        def parse(batch: list[bytes]) -> None:
+            text = b"".join(b"public_key=" + record + b"\n" for record in batch)
+            lines = text.decode("ascii", errors="replace").split("\n")
+            sink(list(parse_device(self.interface, lines).peers))
+            _yield_gil()
 
         if full:
             self._previous = {}
         first = not self._previous
         # Updated in place as the answer arrives: forget it unless the read completes.
         records, self._previous = self._previous, {}
-        stream = self._receive(_UapiStream(records))
-        changed: dict[str, PeerState] = {}
-        for batch in _batches(stream.changed, PARSE_BATCH):
-            text = b"".join(b"public_key=" + records[key] + b"\n" for key in batch)
-            lines = text.decode("ascii", errors="replace").split("\n")
-            for peer in parse_device(self.interface, lines).peers:
-                changed[peer.public_key] = peer
-            _yield_gil()
+        stream = self._receive(_UapiStream(records, parse))
+        stream.flush()
         gone = stream.gone()
         for key in gone:
             del records[key]
         self._previous = records
         removed = frozenset(_key_from_hex(self.interface, key) for key in gone)
-        return HubDelta(changed, removed, full=first, peers=len(records))
+        return HubDelta({}, removed, full=first, peers=len(records))
 
     def _receive(self, stream: _UapiStream) -> _UapiStream:
         if not self.link_exists(self.interface):
@@ -221,7 +267,7 @@ class UapiReader(DeviceReader):
                     if not chunk:
                         raise DeviceRefused(self.interface, "device closed the socket mid-answer")
                     stream.feed(chunk)
-                    if time.monotonic() > deadline:
+                    if time.monotonic() - stream.handling_s > deadline:
                         raise TimeoutError
                     _yield_gil()
         except TimeoutError as exc:
@@ -252,11 +298,6 @@ def _key_from_hex(interface: str, key: bytes) -> str:
         return key_from_hex(key.decode("ascii"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise DeviceRefused(interface, "unreadable public_key in answer") from exc
-
-
-def _batches(items: list[bytes], size: int) -> Iterator[list[bytes]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 # --------------------------------------------------------------------------- any backend
@@ -343,16 +384,24 @@ class AutoReader(DeviceReader):
         self._link_exists = link_exists
         self._last: DeviceReader | None = None
 
-    def read(self, *, full: bool = False) -> HubDelta:
+    def _choose(self) -> DeviceReader:
         if self._has_uapi_device(self.interface):
-            chosen: DeviceReader = self.uapi
-        elif self._link_exists(self.interface):
-            chosen = self.netlink
-        else:
-            raise NoSuchInterface(self.interface, "no such interface in this network namespace")
+            return self.uapi
+        if self._link_exists(self.interface):
+            return self.netlink
+        raise NoSuchInterface(self.interface, "no such interface in this network namespace")
+
+    def read(self, *, full: bool = False) -> HubDelta:
+        chosen = self._choose()
         switched = chosen is not self._last
         self._last = chosen
         return chosen.read(full=full or switched)
+
+    def read_each(self, sink: PeerSink, *, full: bool = False) -> HubDelta:
+        chosen = self._choose()
+        switched = chosen is not self._last
+        self._last = chosen
+        return chosen.read_each(sink, full=full or switched)
 
     def close(self) -> None:
         self.uapi.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +40,7 @@ READ_GAP_S = 0.15
 APPLY_SLICE = 200
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HubPeer:
     """A client as the hub's WireGuard device sees it."""
 
@@ -71,7 +72,9 @@ class HubSnapshot:
         self._nets: dict[tuple[int, int], dict[IPNetwork, str]] = {}
         # The same tables, longest prefix first.
         self.networks: tuple[tuple[int, int, dict[IPNetwork, str]], ...] = ()
-        self._allowed: dict[str, tuple[IPNetwork, ...]] = {}
+        # Allowed IPs wider than a host, of the peers that have any (few do: the host
+        # routes are the peer's ``tunnel_ips``, so no network object is kept for them).
+        self._wider: dict[str, tuple[IPNetwork, ...]] = {}
 
     @classmethod
     def build(cls, device: DeviceState) -> HubSnapshot:
@@ -97,24 +100,28 @@ class HubSnapshot:
         )
 
     def _index(self, peer: PeerState) -> None:
+        # Interned: the registry holds the same key (store.decode interns it too), and
+        # at 100 000 clients every copy of it costs 10 MB.
+        key = sys.intern(peer.public_key)
         tunnel_ips = []
+        wider = []
         for net in peer.allowed_ips:
             if net.prefixlen == net.max_prefixlen:
                 tunnel_ips.append(net.network_address)
-                self.hosts[net.network_address] = peer.public_key
+                self.hosts[net.network_address] = key
             else:
-                self._nets.setdefault((net.version, net.prefixlen), {})[net] = peer.public_key
-        self._allowed[peer.public_key] = peer.allowed_ips
-        self.peers[peer.public_key] = HubPeer(
-            peer.public_key, tuple(tunnel_ips), peer.endpoint, peer.latest_handshake
-        )
+                wider.append(net)
+                self._nets.setdefault((net.version, net.prefixlen), {})[net] = key
+        if wider:
+            self._wider[key] = tuple(wider)
+        self.peers[key] = HubPeer(key, tuple(tunnel_ips), peer.endpoint, peer.latest_handshake)
 
     def _unindex(self, key: str) -> None:
-        for net in self._allowed.pop(key, ()):
-            if net.prefixlen == net.max_prefixlen:
-                if self.hosts.get(net.network_address) == key:
-                    del self.hosts[net.network_address]
-                continue
+        peer = self.peers.get(key)
+        for address in () if peer is None else peer.tunnel_ips:
+            if self.hosts.get(address) == key:
+                del self.hosts[address]
+        for net in self._wider.pop(key, ()):
             table = self._nets.get((net.version, net.prefixlen))
             if table is not None and table.get(net) == key:
                 del table[net]
@@ -237,7 +244,8 @@ class HubView:
 
     async def _read(self, started: float) -> bool:
         self.attempted_at = started
-        full, self._resync = self._resync, True  # until this read's delta is applied
+        # Until this read's delta is applied. A view that never read asks for every peer.
+        full, self._resync = self._resync or self.refreshed_at is None, True
         loop = asyncio.get_running_loop()
         self.reads += 1
         try:
@@ -270,10 +278,22 @@ class HubView:
         return True
 
     def _read_in_thread(self, full: bool) -> tuple[HubDelta, HubSnapshot | None]:
-        delta = self.reader.read(full=full)
+        if full:
+            # Every peer (the first read, or a resync): indexed here, off the loop, as
+            # they come, so that no full set of parsed peers is ever held.
+            fresh = HubSnapshot()
+            delta = self.reader.read_each(
+                lambda peers: fresh.apply(HubDelta({p.public_key: p for p in peers})), full=True
+            )
+            return delta, fresh
+        changed: dict[str, PeerState] = {}
+        delta = self.reader.read_each(
+            lambda peers: changed.update((p.public_key, p) for p in peers)
+        )
+        delta = HubDelta(changed, delta.removed, full=delta.full, peers=delta.peers)
         if not delta.full:
             return delta, None
-        # Every peer at once (the first read): index them here too, off the loop.
+        # The reader started afresh by itself (it lost track): every peer is in ``changed``.
         fresh = HubSnapshot()
         fresh.apply(delta)
         return delta, fresh

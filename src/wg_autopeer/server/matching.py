@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address, IPv6Network, ip_interface
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from wg_autopeer.protocol import LanEntry, PeerOffer
 from wg_autopeer.wireguard.base import IPAddress, IPNetwork
@@ -32,7 +32,7 @@ def public_identity(address: IPAddress) -> PublicIdentity:
     return address
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class ReportedLan:
     """One address a client reported on its LAN, with that LAN's gateway."""
 
@@ -45,7 +45,10 @@ class ReportedLan:
 
     @property
     def network(self) -> IPNetwork:
-        return ip_interface(f"{self.address}/{self.prefix}").network
+        # From the integer: building it from text re-parses the address every time.
+        if self.address.version == 4:
+            return IPv4Network((int(self.address), self.prefix), strict=False)
+        return IPv6Network((int(self.address), self.prefix), strict=False)
 
     @classmethod
     def from_entry(cls, entry: LanEntry) -> ReportedLan:
@@ -55,9 +58,14 @@ class ReportedLan:
         """Same gateway and network, and no fingerprint that tells the two LANs apart:
         homes behind one carrier-grade NAT with the same router defaults
         (192.168.1.0/24 via 192.168.1.1) differ in their router's MAC address."""
+        # Same network, compared as integers: building both networks costs more than
+        # the whole rest of an answer.
+        mine, theirs = self.address, other.address
         return (
             self.gateway == other.gateway
-            and self.network == other.network
+            and self.prefix == other.prefix
+            and mine.version == theirs.version
+            and (int(mine) ^ int(theirs)) >> (mine.max_prefixlen - self.prefix) == 0
             and (
                 self.gateway_mac is None
                 or other.gateway_mac is None
@@ -82,7 +90,7 @@ class ReportedLan:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class GroupKey:
     """A LAN as seen from the internet: public identity, gateway and network."""
 
@@ -91,7 +99,7 @@ class GroupKey:
     network: IPNetwork
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Registration:
     """What the server knows about one client; soft state that expires at ``expires_at``."""
 
@@ -145,6 +153,20 @@ def _offer(neighbour: Registration, lan: ReportedLan) -> PeerOffer:
     )
 
 
+def offer_fields(neighbour: Registration, lan: ReportedLan) -> dict[str, object]:
+    """``_offer(neighbour, lan)`` as its wire JSON object (``exclude_none``), built without
+    the pydantic model: the answer's hot path encodes these directly."""
+    ips = [str(ip) for ip in neighbour.tunnel_ips]
+    if lan.listen_port is None:
+        return {"pubkey": neighbour.pubkey, "ip": ips}
+    return {
+        "pubkey": neighbour.pubkey,
+        "endpoint": str(lan.address),
+        "port": lan.listen_port,
+        "ip": ips,
+    }
+
+
 def neighbours(
     requester: Registration,
     index: Mapping[GroupKey, Iterable[str]],
@@ -157,6 +179,21 @@ def neighbours(
     ``index`` maps each group to the keys registered in it; only the requester's groups
     are visited. Expired registrations and keys the policy refuses are left out.
     """
+    return [
+        _offer(reg, lan)
+        for reg, lan in neighbour_lans(requester, index, registrations, policy, now)
+    ]
+
+
+def neighbour_lans(
+    requester: Registration,
+    index: Mapping[GroupKey, Iterable[str]],
+    registrations: Mapping[str, Registration],
+    policy: Policy,
+    now: float,
+) -> list[tuple[Registration, ReportedLan]]:
+    """What ``neighbours`` offers, before it is made offers: each neighbour's registration
+    and the LAN entry to offer, sorted by key."""
     if not policy.permits(requester.pubkey) or requester.expires_at <= now:
         return []
     # Per neighbour, the LAN entry to offer: one with a listen port wins, then entry order.
@@ -177,4 +214,4 @@ def neighbours(
                     if previous is None or other_lan.listen_port is not None:
                         chosen[pubkey] = (other, other_lan)
                     break
-    return [_offer(reg, lan) for _, (reg, lan) in sorted(chosen.items())]
+    return [chosen[key] for key in sorted(chosen)]

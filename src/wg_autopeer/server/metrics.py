@@ -74,6 +74,7 @@ class ServerMetrics:
             registry=self.registry,
         )
 
+        self._by_outcome: dict[str, Counter] = {}
         self.loop_lag = Histogram(
             "wg_autopeer_event_loop_lag_seconds",
             "How late the event loop ran a timer: time every request waited behind other work",
@@ -90,7 +91,11 @@ class ServerMetrics:
             self.loop_lag.observe(max(0.0, loop.time() - due))
 
     def observe(self, outcome: str, seconds: float) -> None:
-        self.requests.labels(outcome=outcome).inc()
+        counter = self._by_outcome.get(outcome)
+        if counter is None:
+            # Outcomes are a short list of our own names (and http_NNN): bound once each.
+            counter = self._by_outcome[outcome] = self.requests.labels(outcome=outcome)
+        counter.inc()
         self.latency.observe(seconds)
 
     def render(self) -> bytes:

@@ -33,6 +33,7 @@ from wg_autopeer.server.store import (
     group_text,
     redact_url,
 )
+from wg_autopeer.wireguard.base import IPAddress
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +146,10 @@ class PostgresStore(SharedStore):
             except psycopg.Error as exc:
                 raise self._error(exc) from exc
         loaded = []
+        shared: dict[str, IPAddress] = {}
         for pubkey, body in rows:
             try:
-                loaded.append(decode(body))
+                loaded.append(decode(body, shared))
             except (ValueError, KeyError, TypeError) as exc:
                 log.warning(
                     "store %s: skipping unreadable row for %s: %s", self.location, pubkey, exc

@@ -26,7 +26,7 @@ from wg_autopeer.errors import (
     WireGuardError,
     WireGuardPermissionDenied,
 )
-from wg_autopeer.server.hubread import DeviceReader, HubDelta
+from wg_autopeer.server.hubread import DeviceReader, HubDelta, PeerSink
 from wg_autopeer.wireguard.base import PeerState
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,11 @@ def _serve_reads(reader: DeviceReader, conn: Connection) -> None:
     """The child: one read per request, its changed peers in several messages, then the rest."""
     # Ctrl-C in a terminal reaches the whole process group; the server decides when to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def send(peers: list[PeerState]) -> None:
+        for start in range(0, len(peers), PEERS_PER_MESSAGE):
+            conn.send(peers[start : start + PEERS_PER_MESSAGE])
+
     try:
         while True:
             try:
@@ -70,13 +75,11 @@ def _serve_reads(reader: DeviceReader, conn: Connection) -> None:
             except EOFError:
                 return  # the server is gone
             try:
-                delta = reader.read(full=bool(full))
+                # Sent as they are parsed: a full read's peers are never all held at once.
+                delta = reader.read_each(send, full=bool(full))
             except WireGuardError as exc:
                 conn.send(_ReadFailed(type(exc).__name__, exc.interface, exc.reason))
                 continue
-            peers = list(delta.changed.values())
-            for start in range(0, len(peers), PEERS_PER_MESSAGE):
-                conn.send(peers[start : start + PEERS_PER_MESSAGE])
             conn.send(_ReadDone(delta.removed, delta.full, delta.peers))
     finally:
         reader.close()
@@ -113,9 +116,18 @@ class ProcessReader(DeviceReader):
         return self._process.pid if self._local is None else None
 
     def read(self, *, full: bool = False) -> HubDelta:
-        if self._local is not None:
-            return self._local.read(full=full)
         changed: dict[str, PeerState] = {}
+
+        def take(peers: list[PeerState]) -> None:
+            changed.update((peer.public_key, peer) for peer in peers)
+
+        delta = self.read_each(take, full=full)
+        return HubDelta(changed, delta.removed, full=delta.full, peers=delta.peers)
+
+    def read_each(self, sink: PeerSink, *, full: bool = False) -> HubDelta:
+        if self._local is not None:
+            return self._local.read_each(sink, full=full)
+        handed = False
         try:
             self._conn.send(full)
             while True:
@@ -123,10 +135,9 @@ class ProcessReader(DeviceReader):
                 if isinstance(message, _ReadFailed):
                     raise message.error()
                 if isinstance(message, _ReadDone):
-                    return HubDelta(
-                        changed, message.removed, full=message.full, peers=message.peers
-                    )
-                changed.update((peer.public_key, peer) for peer in message)
+                    return HubDelta({}, message.removed, full=message.full, peers=message.peers)
+                handed = True
+                sink(message)
         except (EOFError, OSError) as exc:
             log.warning(
                 "the reader process of %s ended (%s); reading it in the server from now on",
@@ -135,8 +146,12 @@ class ProcessReader(DeviceReader):
             )
             self._stop_child()
             self._local = self._make_reader()
+            if handed:
+                # The sink has part of a read that will never end: this read fails, and
+                # the next one (the new reader's first) is a full one.
+                raise WireGuardError(self.interface, "the reader process ended mid-read") from exc
             # The server's view may be ahead of or behind the new reader: start afresh.
-            return self._local.read(full=True)
+            return self._local.read_each(sink, full=True)
 
     def close(self) -> None:
         if self._closed:

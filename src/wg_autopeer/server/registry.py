@@ -17,7 +17,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from wg_autopeer.protocol import PeeringAnswer
-from wg_autopeer.server.matching import GroupKey, Policy, Registration, neighbours
+from wg_autopeer.server.matching import (
+    GroupKey,
+    Policy,
+    Registration,
+    neighbour_lans,
+    neighbours,
+    offer_fields,
+)
 from wg_autopeer.server.store import GroupCommit, RegistrationStore
 
 log = logging.getLogger(__name__)
@@ -31,15 +38,22 @@ def etag_of(answer: PeeringAnswer, *, registered: bool = True) -> str:
     its own blocking query must end even if its peer list was empty before and
     after, so that it reports again at once instead of at the next timeout.
     """
-    digest = hashlib.sha256(answer_bytes(answer) + (b"" if registered else b"\0unregistered"))
+    return etag_of_body(answer_bytes(answer), registered=registered)
+
+
+def etag_of_body(body: bytes, *, registered: bool = True) -> str:
+    """``etag_of`` the answer whose ``answer_bytes`` are ``body``."""
+    digest = hashlib.sha256(body + (b"" if registered else b"\0unregistered"))
     return f'"{digest.hexdigest()[:20]}"'
 
 
 def answer_bytes(answer: PeeringAnswer) -> bytes:
     """The answer exactly as it goes on the wire: absent fields omitted, keys sorted."""
-    return json.dumps(
-        answer.model_dump(mode="json", exclude_none=True), sort_keys=True, separators=(",", ":")
-    ).encode()
+    return _encode(answer.model_dump(mode="json", exclude_none=True))
+
+
+def _encode(answer: dict[str, object]) -> bytes:
+    return json.dumps(answer, sort_keys=True, separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True)
@@ -104,16 +118,16 @@ class Registry:
         if cached is not None and now < cached[2]:
             return cached[0], cached[1]
         requester = self._regs.get(pubkey)
-        current = self.answer_for(pubkey, now)
-        body = answer_bytes(current)
-        etag = etag_of(current, registered=requester is not None)
+        chosen = (
+            []
+            if requester is None
+            else neighbour_lans(requester, self._index, self._regs, self.policy, now)
+        )
+        # The bytes ``answer_bytes(self.answer_for(pubkey, now))`` gives, without the models.
+        body = _encode({"peers": [offer_fields(reg, lan) for reg, lan in chosen]})
+        etag = etag_of_body(body, registered=requester is not None)
         if requester is not None and requester.expires_at > now:
-            valid = min(
-                [
-                    requester.expires_at,
-                    *(self._regs[offer.pubkey].expires_at for offer in current.peers),
-                ]
-            )
+            valid = min([requester.expires_at, *(reg.expires_at for reg, _ in chosen)])
             self._answers[pubkey] = (body, etag, valid)
         return body, etag
 

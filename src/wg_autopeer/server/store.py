@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import sqlite3
+import sys
 import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from wg_autopeer.errors import WgAutopeerError
 from wg_autopeer.server.matching import GroupKey, PublicIdentity, Registration, ReportedLan
+from wg_autopeer.wireguard.base import IPAddress
 
 log = logging.getLogger(__name__)
 
@@ -242,8 +244,14 @@ def encode(registration: Registration) -> str:
     )
 
 
-def decode(text: str) -> Registration:
-    """Inverse of ``encode``; raises ``ValueError``/``KeyError``/``TypeError`` on a bad row."""
+def decode(text: str, shared: dict[str, IPAddress] | None = None) -> Registration:
+    """Inverse of ``encode``; raises ``ValueError``/``KeyError``/``TypeError`` on a bad row.
+
+    ``shared``: addresses already decoded, by their text, reused (and added to): the
+    clients of one LAN share their public address and gateway, so a load of many rows
+    keeps one object of each instead of one per row. The key is interned (the hub view
+    holds the same).
+    """
     data = json.loads(text)
     public: PublicIdentity
     if "/" in data["public_ip"]:
@@ -252,19 +260,19 @@ def decode(text: str) -> Registration:
             raise ValueError("an IPv4 public identity is an address, not a network")
         public = network
     else:
-        address = ip_address(data["public_ip"])
+        address = _address(data["public_ip"], shared)
         if not isinstance(address, IPv4Address):
             raise ValueError("an IPv6 public identity is a /64, not an address")
         public = address
     return Registration(
-        pubkey=str(data["pubkey"]),
+        pubkey=sys.intern(str(data["pubkey"])),
         tunnel_ips=tuple(ip_address(ip) for ip in data["tunnel_ips"]),
         public_ip=public,
         lans=tuple(
             ReportedLan(
                 address=ip_address(lan["address"]),
                 prefix=int(lan["prefix"]),
-                gateway=ip_address(lan["gateway"]),
+                gateway=_address(lan["gateway"], shared),
                 listen_port=None if lan["listen_port"] is None else int(lan["listen_port"]),
                 # Rows written before the fingerprint existed have none.
                 gateway_mac=lan.get("gateway_mac"),
@@ -275,6 +283,16 @@ def decode(text: str) -> Registration:
         # Rows written before several hubs could share a store name none.
         hub=str(data.get("hub", "")),
     )
+
+
+def _address(text: str, shared: dict[str, IPAddress] | None) -> IPAddress:
+    # A row's JSON may hold anything: only text is shared (ip_address refuses the rest).
+    if shared is None or not isinstance(text, str):
+        return ip_address(text)
+    address = shared.get(text)
+    if address is None:
+        address = shared[text] = ip_address(text)
+    return address
 
 
 class SqliteStore(RegistrationStore):
@@ -310,17 +328,24 @@ class SqliteStore(RegistrationStore):
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def load_all(self) -> list[Registration]:
+        loaded = []
+        unreadable = []
+        shared: dict[str, IPAddress] = {}
         try:
-            rows = self._db.execute("SELECT pubkey, body FROM registrations").fetchall()
+            # Row by row, not fetchall(): every row's text at once is tens of megabytes at
+            # 100 000 clients, and the process keeps that memory once the load is over.
+            for pubkey, body in self._db.execute("SELECT pubkey, body FROM registrations"):
+                try:
+                    loaded.append(decode(body, shared))
+                except (ValueError, KeyError, TypeError) as exc:
+                    log.warning(
+                        "store %s: dropping unreadable row for %s: %s", self.path, pubkey, exc
+                    )
+                    unreadable.append(pubkey)
         except sqlite3.Error as exc:
             raise StoreError(self.path, str(exc)) from exc
-        loaded = []
-        for pubkey, body in rows:
-            try:
-                loaded.append(decode(body))
-            except (ValueError, KeyError, TypeError) as exc:
-                log.warning("store %s: dropping unreadable row for %s: %s", self.path, pubkey, exc)
-                self.delete(pubkey)
+        for pubkey in unreadable:
+            self.delete(pubkey)
         return loaded
 
     def put(self, registration: Registration) -> None:

@@ -29,7 +29,7 @@ def is_valid_key(key: str) -> bool:
         return False
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class Endpoint:
     """A UDP endpoint: address and port."""
 
