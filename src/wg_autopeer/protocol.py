@@ -12,8 +12,16 @@ from __future__ import annotations
 
 import re
 from ipaddress import IPv4Address, IPv6Address, ip_interface
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from wg_autopeer.wireguard.base import IPNetwork, is_valid_key
 
@@ -25,16 +33,35 @@ DEFAULT_WAIT_SECONDS = 25
 MAX_WAIT_SECONDS = 60
 
 
+def _address_as_text(value: Any) -> Any:
+    # pydantic's lax mode takes a JSON number (and ``true``, as 0.0.0.1) for an address;
+    # no client writes one, so such a field is a mistake, not an address.
+    if not isinstance(value, str | IPv4Address | IPv6Address):
+        raise ValueError("must be an IP address written as a string")
+    return value
+
+
+def _not_a_bool(value: Any) -> Any:
+    # Lax mode would read ``true`` as 1: a prefix of /1 or port 1 nobody meant.
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true or false")
+    return value
+
+
+Address = Annotated[IPv4Address | IPv6Address, BeforeValidator(_address_as_text)]
+Number = Annotated[int, BeforeValidator(_not_a_bool)]
+
+
 class LanEntry(BaseModel):
     """One address of the client's LAN (default-route) interface."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     pubkey: str = Field(description="base64 public key of the client's tunnel interface")
-    ip: IPv4Address | IPv6Address = Field(description="the client's address on its LAN")
-    netmask: int = Field(ge=0, le=128, description="prefix length of that address")
-    gateway: IPv4Address | IPv6Address = Field(description="the LAN's default gateway")
-    listen_port: int | None = Field(
+    ip: Address = Field(description="the client's address on its LAN")
+    netmask: Number = Field(ge=0, le=128, description="prefix length of that address")
+    gateway: Address = Field(description="the LAN's default gateway")
+    listen_port: Number | None = Field(
         default=None, ge=1, le=65535, description="the client's own WireGuard listen port"
     )
     gateway_mac: str | None = Field(
@@ -81,7 +108,7 @@ class PeerOffer(BaseModel):
 
     pubkey: str
     endpoint: str | None = Field(default=None, description="the neighbour's LAN address")
-    port: int | None = Field(default=None, description="the neighbour's WireGuard listen port")
+    port: Number | None = Field(default=None, description="the neighbour's WireGuard listen port")
     ip: list[str] = Field(default_factory=list, description="the neighbour's tunnel addresses")
 
 

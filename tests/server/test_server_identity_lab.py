@@ -13,6 +13,7 @@ client outside its own LAN, and no offer carries a public address.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Interface, ip_address
@@ -292,6 +293,10 @@ def fresh_handshake(lab: Lab, host: str) -> None:
     hub = lab.topology.hub
     iface = lab.wg_interface(host)
     before = lab.hub_peer(host).latest_handshake or 0.0
+    # Handshake times have a resolution of one second: a new session in the same second
+    # as the lab's first would look like no new session at all, and none follows for 2
+    # minutes. Start it in a later second.
+    assert wait_for(lambda: time.time() >= before + 1.0, timeout=2.0, interval=0.05)
     lab.run(host, "wg", "set", iface, "peer", lab.public_key(hub.name), "remove")
     lab.run(
         host,
@@ -305,7 +310,6 @@ def fresh_handshake(lab: Lab, host: str) -> None:
         lab.ping(host, lab.tunnel_ip(hub.name), timeout=0.5)
         return (lab.hub_peer(host).latest_handshake or 0.0) > before
 
-    # Handshake times have a resolution of one second.
     assert wait_for(renewed, timeout=10.0, interval=0.2), f"{host} did not handshake again"
 
 
