@@ -10,4 +10,9 @@ Packages, one per concept:
 - ``lab``       network-namespace topologies for tests, the demo and benchmarks
 """
 
+from wg_autopeer.lazypackage import defer_init
+
 __version__ = "0.1.0"
+
+# pyroute2's __init__ imports its whole library; we use a few submodules (see lazypackage).
+defer_init("pyroute2")

@@ -16,8 +16,10 @@ error statuses ``ServerRefused``, and a 200 that is not the wire format
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import ip_network
@@ -90,6 +92,13 @@ async def _read_capped(response: httpx.Response, cap: int) -> bytes | None:
     return bytes(body)
 
 
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    # One per process: each context holds the parsed CA bundle (about 3 MiB), and the
+    # agent keeps a client per interface.
+    return httpx.create_ssl_context()
+
+
 class PeeringClient:
     """A client of one agent: keeps a connection pool bound to ``local_address``
     (the agent's tunnel address; None lets the kernel choose). Call ``aclose``."""
@@ -97,7 +106,9 @@ class PeeringClient:
     def __init__(self, local_address: str | None = None) -> None:
         self.local_address = local_address
         self._client = httpx.AsyncClient(
-            transport=httpx.AsyncHTTPTransport(local_address=local_address, retries=0),
+            transport=httpx.AsyncHTTPTransport(
+                local_address=local_address, retries=0, verify=_tls_context()
+            ),
             timeout=httpx.Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT),
             follow_redirects=False,
             # A proxy from the environment would hide the tunnel source address.

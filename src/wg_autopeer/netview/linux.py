@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from inotify_simple import INotify
 from inotify_simple import flags as inotify_flags
-from pyroute2 import AsyncIPRoute
+from pyroute2.iproute.linux import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import (
     RTMGRP_IPV4_IFADDR,

@@ -82,7 +82,7 @@ def resolve_config(args: argparse.Namespace) -> ServerConfig:
 
 def interface_addresses(interface: str) -> list[ListenAddress]:
     """Every address of ``interface`` (link-local IPv6 left out), port 80."""
-    from pyroute2 import IPRoute
+    from pyroute2.iproute.linux import IPRoute
 
     try:
         with IPRoute() as ipr:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from ipaddress import ip_address, ip_network
 from typing import Any
 
-from pyroute2 import AsyncIPRoute, AsyncWireGuard
+from pyroute2.iproute.linux import AsyncIPRoute
 from pyroute2.netlink import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic.wireguard import (
@@ -34,6 +34,7 @@ from pyroute2.netlink.generic.wireguard import (
     WGPEER_F_REMOVE_ME,
     WGPEER_F_REPLACE_ALLOWEDIPS,
     WGPEER_F_UPDATE_ONLY,
+    AsyncWireGuard,
     wgmsg,
 )
 
