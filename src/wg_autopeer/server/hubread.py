@@ -87,6 +87,16 @@ class DeviceReader(abc.ABC):
             sink(peers[start : start + PARSE_BATCH])
         return HubDelta({}, delta.removed, full=delta.full, peers=delta.peers)
 
+    def read_collected(self, *, full: bool = False) -> HubDelta:
+        """``read`` for a reader that streams: ``read_each``, its batches collected."""
+        changed: dict[str, PeerState] = {}
+
+        def take(peers: list[PeerState]) -> None:
+            changed.update((peer.public_key, peer) for peer in peers)
+
+        delta = self.read_each(take, full=full)
+        return HubDelta(changed, delta.removed, full=delta.full, peers=delta.peers)
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the reader's connection (called from the worker thread)."""
 
@@ -222,13 +232,7 @@ class UapiReader(DeviceReader):
         self._previous: dict[bytes, int] = {}
 
     def read(self, *, full: bool = False) -> HubDelta:
-        changed: dict[str, PeerState] = {}
-
-        def take(peers: list[PeerState]) -> None:
-            changed.update((peer.public_key, peer) for peer in peers)
-
-        delta = self.read_each(take, full=full)
-        return HubDelta(changed, delta.removed, full=delta.full, peers=delta.peers)
+        return self.read_collected(full=full)
 
     def read_each(self, sink: PeerSink, *, full: bool = False) -> HubDelta:
         from wg_autopeer.wireguard.uapi import parse_device

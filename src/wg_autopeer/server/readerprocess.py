@@ -116,13 +116,7 @@ class ProcessReader(DeviceReader):
         return self._process.pid if self._local is None else None
 
     def read(self, *, full: bool = False) -> HubDelta:
-        changed: dict[str, PeerState] = {}
-
-        def take(peers: list[PeerState]) -> None:
-            changed.update((peer.public_key, peer) for peer in peers)
-
-        delta = self.read_each(take, full=full)
-        return HubDelta(changed, delta.removed, full=delta.full, peers=delta.peers)
+        return self.read_collected(full=full)
 
     def read_each(self, sink: PeerSink, *, full: bool = False) -> HubDelta:
         if self._local is not None:
