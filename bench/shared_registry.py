@@ -258,24 +258,32 @@ async def outage(
     held = asyncio.create_task(
         send(b, waiter, waiter.body(), {"If-None-Match": etag, "Prefer": "wait=60"})
     )
+    result["during"] = await asyncio.to_thread(loadgens, [a], size, window)
+    # After the load: the load generator reports every client as it was, the changer too,
+    # and would take the change back before the database returns.
     changed = await send(a, changer, changer.body(LISTEN_PORT + 999), {})
     result["change_during_outage_status"] = changed.status
-    result["during"] = await asyncio.to_thread(loadgens, [a], size, window)
     health = await http_get(a, "/healthz")
     result["health_during"] = health
     result["down_s"] = time.monotonic() - stopped
     pg.start()
     back = time.perf_counter()
+    healthy = asyncio.create_task(healthy_again(a, back))
     answer = await held
     result["change_reached_b_after_restart_s"] = time.perf_counter() - back
     result["change_reached_b_status"] = answer.status
-    deadline = time.monotonic() + 60
-    while (await http_get(a, "/healthz")).get("degraded") is not None:
-        require(time.monotonic() < deadline, "server A stayed degraded")
-        await asyncio.sleep(0.05)
-    result["a_healthy_after_restart_s"] = time.perf_counter() - back
+    result["a_healthy_after_restart_s"] = await healthy
     result["after"] = await asyncio.to_thread(loadgens, [a], size, window)
     return result
+
+
+async def healthy_again(port: int, since: float) -> float:
+    """Seconds from ``since`` (perf_counter) until ``port``'s /healthz is no longer degraded."""
+    deadline = time.monotonic() + 60
+    while (await http_get(port, "/healthz")).get("degraded") is not None:
+        require(time.monotonic() < deadline, "server A stayed degraded")
+        await asyncio.sleep(0.05)
+    return time.perf_counter() - since
 
 
 async def http_get(port: int, path: str) -> dict[str, Any]:
@@ -394,11 +402,20 @@ def rows(data: dict[str, Any]) -> list[Row]:
             f"PostgreSQL stopped {o['down_s']:.0f} s under load (server A)",
             f"req/s before {o['before']['rps']:.0f}, during {o['during']['rps']:.0f}, "
             f"after {o['after']['rps']:.0f}; 5xx: {sum(fives)}; "
-            f"change made during it reached B {o['change_reached_b_after_restart_s']:.1f} s "
-            f"after restart; A healthy {o['a_healthy_after_restart_s']:.1f} s after",
+            f"change made during it {reached(o)}; "
+            f"A healthy {o['a_healthy_after_restart_s']:.1f} s after restart",
         )
     )
     return out
+
+
+def reached(outage: dict[str, Any]) -> str:
+    """How the change made during the outage reached B's waiting neighbour."""
+    after = outage["change_reached_b_after_restart_s"]
+    if outage["change_reached_b_status"] != 200:
+        status = outage["change_reached_b_status"]
+        return f"never reached B (its waiter ended with HTTP {status} {after:.1f} s after restart)"
+    return f"reached B's waiter {after:.1f} s after restart"
 
 
 def main(argv: list[str] | None = None) -> int:
