@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import statistics
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -15,6 +16,7 @@ import uvicorn
 from fastapi import FastAPI
 from server_fakes import Hub
 
+from wg_autopeer.server.app import GIL_SWITCH_S
 from wg_autopeer.server.command import open_socket
 from wg_autopeer.server.config import ListenAddress
 from wg_autopeer.server.http import uvicorn_config
@@ -135,3 +137,14 @@ async def test_loop_lag_probe_sees_a_stalled_loop() -> None:
 
 
 LAG = "wg_autopeer_event_loop_lag_seconds"
+
+
+async def test_a_running_server_lets_the_loop_take_the_gil_within_a_millisecond(
+    hub: Hub, app: FastAPI
+) -> None:
+    # The hub read's worker thread would otherwise hold the loop up to 5 ms at a time.
+    before = sys.getswitchinterval()
+    assert before > GIL_SWITCH_S
+    async with serving(app, command_socket()):
+        assert sys.getswitchinterval() == GIL_SWITCH_S
+    assert sys.getswitchinterval() == before

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -98,6 +99,8 @@ async def read_capped_body(request: Request) -> bytes:
 
 
 _ENTRY = TypeAdapter(LanEntry)
+# How long a thread holds the GIL before another may take it (see ``lifespan``).
+GIL_SWITCH_S = 0.001
 
 
 def parse_entries(body: bytes) -> list[LanEntry]:
@@ -318,6 +321,11 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # The hub read applies its delta in a worker thread; the loop waits behind it for
+        # the GIL up to the switch interval each time (5 ms by default, all of a request's
+        # budget at the tail). 1 ms bounds that wait at a small cost in switches.
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(GIL_SWITCH_S)
         tasks = [
             asyncio.create_task(core.run(), name="hub-refresh"),
             asyncio.create_task(core.metrics.probe_loop_lag(), name="loop-lag-probe"),
@@ -337,6 +345,7 @@ def create_app(
             core.registry.flush()
             if owned_store:
                 the_store.close()
+            sys.setswitchinterval(switch_interval)
 
     app = FastAPI(
         title="wg-autopeer coordination server",
