@@ -284,12 +284,12 @@ def parse_device(
 
 def public_key_of(private_key: str) -> str:
     """The base64 public key of a base64 private key (X25519, as WireGuard clamps it)."""
-    # Imported here: only a read with the private key needs it, not every importer.
+    # Imported here: only a read with the private key needs it, not every importer. Not
+    # the serialization package either: it loads SSH key formats, bcrypt and ciphers.
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
     raw = X25519PrivateKey.from_private_bytes(base64.b64decode(private_key))
-    public = raw.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    public = raw.public_key().public_bytes_raw()
     return base64.b64encode(public).decode("ascii")
 
 
