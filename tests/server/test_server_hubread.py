@@ -8,6 +8,8 @@ import itertools
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -325,6 +327,53 @@ def test_a_dead_reader_process_leaves_reads_to_the_server(uapi_device: UapiDevic
         assert reader.read().changed == {}
     finally:
         reader.close()
+
+
+# A server that forks its reader child, reports the child's PID, then waits to be killed.
+_SERVER_WITH_A_READER = """
+import sys, time
+from wg_autopeer.server.hubread import DeviceReader, HubDelta
+from wg_autopeer.server.readerprocess import ProcessReader
+
+class Empty(DeviceReader):
+    def read(self, *, full=False):
+        return HubDelta({}, frozenset(), full=full, peers=0)
+
+reader = ProcessReader("hub0", Empty)
+print(reader.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+def test_the_reader_process_ends_when_the_server_is_killed() -> None:
+    server = subprocess.Popen(
+        [sys.executable, "-c", _SERVER_WITH_A_READER], stdout=subprocess.PIPE, text=True
+    )
+    child = 0
+    try:
+        assert server.stdout is not None
+        child = int(server.stdout.readline())
+        assert _running(child)
+        server.kill()  # SIGKILL: no clean-up of its own runs
+        server.wait(10)
+        deadline = time.monotonic() + 10
+        while _running(child):
+            assert time.monotonic() < deadline, "the reader child outlived its server"
+            time.sleep(0.05)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(10)
+        if child and _running(child):
+            os.kill(child, signal.SIGKILL)
 
 
 def test_index_follows_an_allowed_ip_moving_between_peers_in_one_read() -> None:

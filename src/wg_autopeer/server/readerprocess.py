@@ -59,8 +59,11 @@ class _ReadFailed:
         return _ERRORS.get(self.kind, WireGuardError)(self.interface, self.reason)
 
 
-def _serve_reads(reader: DeviceReader, conn: Connection) -> None:
+def _serve_reads(reader: DeviceReader, conn: Connection, server_end: Connection) -> None:
     """The child: one read per request, its changed peers in several messages, then the rest."""
+    # The fork copied the server's end of the pipe too: while this copy is open, the
+    # server dying (SIGKILL) is no end of file here, and the child would outlive it.
+    server_end.close()
     # Ctrl-C in a terminal reaches the whole process group; the server decides when to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -103,7 +106,7 @@ class ProcessReader(DeviceReader):
         self._conn, child_end = context.Pipe()
         self._process = context.Process(
             target=_serve_reads,
-            args=(make_reader(), child_end),
+            args=(make_reader(), child_end, self._conn),
             name=f"hub-reader-{interface}",
             daemon=True,
         )
