@@ -87,8 +87,19 @@ class DeviceReader(abc.ABC):
             sink(peers[start : start + PARSE_BATCH])
         return HubDelta({}, delta.removed, full=delta.full, peers=delta.peers)
 
-    def read_collected(self, *, full: bool = False) -> HubDelta:
-        """``read`` for a reader that streams: ``read_each``, its batches collected."""
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the reader's connection (called from the worker thread)."""
+
+
+class StreamingReader(DeviceReader):
+    """A reader that hands peers on as it parses them: ``read_each`` is its own, and
+    ``read`` collects its batches (the other way round from ``DeviceReader``)."""
+
+    @abc.abstractmethod
+    def read_each(self, sink: PeerSink, *, full: bool = False) -> HubDelta:
+        """See ``DeviceReader.read_each``."""
+
+    def read(self, *, full: bool = False) -> HubDelta:
         changed: dict[str, PeerState] = {}
 
         def take(peers: list[PeerState]) -> None:
@@ -96,9 +107,6 @@ class DeviceReader(abc.ABC):
 
         delta = self.read_each(take, full=full)
         return HubDelta(changed, delta.removed, full=delta.full, peers=delta.peers)
-
-    def close(self) -> None:  # noqa: B027 - optional hook
-        """Release the reader's connection (called from the worker thread)."""
 
 
 def _yield_gil() -> None:
@@ -209,7 +217,7 @@ class _UapiStream:
             self.handling_s += time.monotonic() - started
 
 
-class UapiReader(DeviceReader):
+class UapiReader(StreamingReader):
     """Reads a userspace device (wireguard-go, boringtun) through its own UAPI connection.
 
     ``link_exists`` guards against a socket left by a device of another network
@@ -230,9 +238,6 @@ class UapiReader(DeviceReader):
         self.timeout = timeout
         # The previous read's record hashes, by hex key (see ``_UapiStream._add``).
         self._previous: dict[bytes, int] = {}
-
-    def read(self, *, full: bool = False) -> HubDelta:
-        return self.read_collected(full=full)
 
     def read_each(self, sink: PeerSink, *, full: bool = False) -> HubDelta:
         from wg_autopeer.wireguard.uapi import parse_device

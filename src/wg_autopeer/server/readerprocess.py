@@ -26,7 +26,7 @@ from wg_autopeer.errors import (
     WireGuardError,
     WireGuardPermissionDenied,
 )
-from wg_autopeer.server.hubread import DeviceReader, HubDelta, PeerSink
+from wg_autopeer.server.hubread import DeviceReader, HubDelta, PeerSink, StreamingReader
 from wg_autopeer.wireguard.base import PeerState
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def _serve_reads(reader: DeviceReader, conn: Connection, server_end: Connection)
         reader.close()
 
 
-class ProcessReader(DeviceReader):
+class ProcessReader(StreamingReader):
     """Runs the reader ``make_reader`` builds in a forked child; reads are blocking calls
     from one thread, as for any ``DeviceReader``.
 
@@ -117,9 +117,6 @@ class ProcessReader(DeviceReader):
     def pid(self) -> int | None:
         """The child's PID while it runs (for the benchmark's CPU accounting)."""
         return self._process.pid if self._local is None else None
-
-    def read(self, *, full: bool = False) -> HubDelta:
-        return self.read_collected(full=full)
 
     def read_each(self, sink: PeerSink, *, full: bool = False) -> HubDelta:
         if self._local is not None:
