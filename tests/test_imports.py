@@ -8,7 +8,7 @@ from pathlib import Path
 
 # pyroute2 itself is registered, unexecuted, by wg_autopeer (lazypackage): any use of it
 # loads pyroute2.netlink.
-HEAVY = ("pyroute2.netlink", "cryptography", "uvicorn", "fastapi", "wg_autopeer.lab")
+HEAVY = ("pyroute2.netlink", "nacl", "uvicorn", "fastapi", "wg_autopeer.lab")
 # What a command that only talks to the running agent's socket has no use for.
 AGENT_MACHINERY = (
     "asyncio",
