@@ -199,7 +199,7 @@ BAD_BODIES: list[tuple[str, bytes]] = [
     ("bad address", curl_body(entry(ALICE, ip="192.168.50.300"))),
     ("netmask too long", curl_body(entry(ALICE, netmask=33))),
     ("netmask not a number", curl_body(entry(ALICE, netmask=float("inf")))),
-    # pydantic's lax mode would take these as 0.0.0.1, 192.168.50.10, /1 and port 1.
+    # Python would take these as 0.0.0.1, 192.168.50.10, /1 and port 1.
     ("address true", curl_body(entry(ALICE, ip=True))),
     ("address as a number", curl_body(entry(ALICE, ip=3232248330))),
     ("netmask true", curl_body(entry(ALICE, netmask=True))),

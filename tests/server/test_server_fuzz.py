@@ -698,7 +698,8 @@ def test_odd_header_values_never_cause_a_server_error(
 @given(
     method=st.sampled_from(["GET", "PUT", "PATCH", "OPTIONS", "TRACE", "DELETE", "POST", "BREW"]),
     path=st.sampled_from([PATH, PATH + "/", "/", "/peering-request/x", "/metrics/.."])
-    | st.from_regex(r"\A/[A-Za-z0-9._~%/-]{0,40}\Z"),
+    # Not "//…": httpx refuses a relative URL whose path starts so, before any request.
+    | st.from_regex(r"\A/([A-Za-z0-9._~%-][A-Za-z0-9._~%/-]{0,39})?\Z"),
 )
 def test_other_methods_and_paths_get_an_error_body(target: Target, method: str, path: str) -> None:
     status, _ = target.check("methods and paths", body_of([entry(ALICE)]), method=method, path=path)

@@ -8,9 +8,8 @@ from dataclasses import replace
 from ipaddress import IPv4Address, IPv6Network, ip_address
 
 import pytest
-from pydantic import ValidationError
 
-from wg_autopeer.protocol import LanEntry
+from wg_autopeer.protocol import LanEntry, WireFormatError
 from wg_autopeer.server.matching import (
     GroupKey,
     Policy,
@@ -71,7 +70,7 @@ def test_same_public_ip_gateway_and_network_match() -> None:
     regs = {A: a, B: b}
     index = {g: {A, B} for g in a.group_keys()}
     offers = neighbours(a, index, regs, Policy(), NOW)
-    assert [o.model_dump() for o in offers] == [
+    assert [o.to_json() for o in offers] == [
         {"pubkey": B, "endpoint": "192.168.50.11", "port": 51821, "ip": ["10.99.0.3"]}
     ]
 
@@ -266,21 +265,21 @@ def test_gateway_fingerprints_keep_strangers_behind_one_cgnat_apart() -> None:
 
 
 def test_gateway_mac_is_validated_and_normalised() -> None:
-    entry = LanEntry(
-        pubkey=A,
-        ip="192.168.1.10",
-        netmask=24,
-        gateway="192.168.1.1",
-        gateway_mac="52:54:00:AB:cd:01",
-    )
+    fields = {"pubkey": A, "ip": "192.168.1.10", "netmask": 24, "gateway": "192.168.1.1"}
+    entry = LanEntry.from_json({**fields, "gateway_mac": " 52:54:00:AB:cd:01"})
     assert entry.gateway_mac == "52:54:00:ab:cd:01"
-    with pytest.raises(ValidationError):
-        LanEntry(pubkey=A, ip="192.168.1.10", netmask=24, gateway="192.168.1.1", gateway_mac="nope")
+    with pytest.raises(WireFormatError, match="gateway_mac"):
+        LanEntry.from_json({**fields, "gateway_mac": "nope"})
+    # Built directly, only the normalised form is taken.
+    with pytest.raises(WireFormatError, match="gateway_mac"):
+        LanEntry(
+            A, ip_address("192.168.1.10"), 24, ip_address("192.168.1.1"), None, "52:54:00:AB:CD:01"
+        )
 
 
 def test_answer_body_is_the_models_wire_encoding() -> None:
-    # The registry encodes answers without the pydantic models; the bytes (and so the
-    # ETags clients hold) must be those of the models.
+    # The registry encodes answers without building the answer objects; the bytes (and
+    # so the ETags clients hold) must be those of the objects' wire encoding.
     registry = Registry(Policy())
     a = reg(A, "203.0.113.7", ("192.168.1.10", 24, "192.168.1.1", 51820))
     b = reg(B, "203.0.113.7", ("192.168.1.11", 24, "192.168.1.1", None), tunnel="10.99.0.2")

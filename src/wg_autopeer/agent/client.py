@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from ipaddress import ip_network
 
 import httpx
-from pydantic import ValidationError
 
 from wg_autopeer.agent.safety import MAX_ANSWER_BYTES, parse_answer
 from wg_autopeer.errors import ServerError, ServerRefused, UnsafeAnswer
@@ -125,7 +124,7 @@ class PeeringClient:
     ) -> ReportResult:
         """Send the LAN report once. With ``etag`` the server may answer 304; with
         ``wait`` too it may hold the request up to ``wait`` seconds for a change."""
-        body = json.dumps([e.model_dump(mode="json", exclude_none=True) for e in entries])
+        body = json.dumps([e.to_json() for e in entries])
         headers = {
             "Content-Type": "application/json",
             "Accept": "application/json",
@@ -199,8 +198,8 @@ class PeeringClient:
         if raw is None:
             return response.reason_phrase or "error"
         try:
-            return _shorten(ErrorBody.model_validate_json(raw).error)
-        except ValidationError:
+            return _shorten(ErrorBody.from_json(json.loads(raw)).error)
+        except (ValueError, RecursionError):
             text = raw.decode("utf-8", "replace").strip()
             if text and _is_json(response.headers.get("content-type", "")):
                 return _shorten(text)

@@ -31,8 +31,6 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
 from wg_autopeer.errors import LedgerError
 from wg_autopeer.wireguard.base import Endpoint, IPNetwork
 
@@ -127,33 +125,61 @@ class Ledger:
         return Ledger(MappingProxyType(interfaces))
 
 
-# The file format, validated by pydantic so a hand-edited or torn file is caught whole.
+# The file format is checked whole, field by field, so a hand-edited or torn file is
+# caught before any of it is trusted: unknown fields, wrong types and bad addresses are
+# all refused (by hand: the agent carries no validation library for one small file).
+_PEER_FIELDS = {"public_key", "endpoint", "allowed_ips", "taken_from_hub", "added_at"}
 
 
-class _EndpointRecord(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    address: str
-    port: int = Field(ge=1, le=65535)
+def _fields(value: Any, where: str, known: set[str], required: set[str]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: not an object")
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown field {unknown[0]!r}")
+    missing = sorted(required - set(value))
+    if missing:
+        raise ValueError(f"{where}: missing field {missing[0]!r}")
+    return value
 
 
-class _PeerRecord(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    public_key: str
-    endpoint: _EndpointRecord | None
-    allowed_ips: list[str]
-    taken_from_hub: list[str] = Field(default_factory=list)
-    added_at: float = 0.0
+def _texts(value: Any, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{where}: not a list of strings")
+    return value
 
 
-class _InterfaceRecord(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    peers: list[_PeerRecord]
+def _endpoint_from_file(value: Any, where: str) -> Endpoint | None:
+    if value is None:
+        return None
+    record = _fields(value, where, {"address", "port"}, {"address", "port"})
+    port = record["port"]
+    if not isinstance(record["address"], str):
+        raise ValueError(f"{where}.address: not a string")
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ValueError(f"{where}.port: not a port number")
+    return Endpoint(ip_address(record["address"]), port)
 
 
-class _LedgerFile(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    version: int
-    interfaces: dict[str, _InterfaceRecord]
+def _peer_from_file(value: Any, where: str) -> LedgerPeer:
+    record = _fields(value, where, _PEER_FIELDS, {"public_key", "endpoint", "allowed_ips"})
+    added_at = record.get("added_at", 0.0)
+    if not isinstance(record["public_key"], str):
+        raise ValueError(f"{where}.public_key: not a string")
+    if isinstance(added_at, bool) or not isinstance(added_at, int | float):
+        raise ValueError(f"{where}.added_at: not a number")
+    return LedgerPeer(
+        public_key=record["public_key"],
+        endpoint=_endpoint_from_file(record["endpoint"], f"{where}.endpoint"),
+        allowed_ips=tuple(
+            ip_network(n) for n in _texts(record["allowed_ips"], f"{where}.allowed_ips")
+        ),
+        taken_from_hub=tuple(
+            ip_network(n)
+            for n in _texts(record.get("taken_from_hub", []), f"{where}.taken_from_hub")
+        ),
+        added_at=float(added_at),
+    )
 
 
 def _to_json(ledger: Ledger) -> dict[str, Any]:
@@ -179,21 +205,19 @@ def _to_json(ledger: Ledger) -> dict[str, Any]:
     }
 
 
-def _from_file(data: _LedgerFile) -> Ledger:
-    """Convert a validated file; raises ValueError on a bad address or network."""
+def _from_file(data: Any) -> Ledger:
+    """Check and convert the file's JSON; raises ValueError naming what is wrong."""
+    top = _fields(data, "ledger", {"version", "interfaces"}, {"version", "interfaces"})
+    if not isinstance(top["interfaces"], dict):
+        raise ValueError("interfaces: not an object")
     interfaces: dict[str, InterfaceLedger] = {}
-    for name, record in data.interfaces.items():
+    for name, value in top["interfaces"].items():
+        record = _fields(value, f"interfaces.{name}", {"peers"}, {"peers"})
+        if not isinstance(record["peers"], list):
+            raise ValueError(f"interfaces.{name}.peers: not a list")
         peers = [
-            LedgerPeer(
-                public_key=p.public_key,
-                endpoint=None
-                if p.endpoint is None
-                else Endpoint(ip_address(p.endpoint.address), p.endpoint.port),
-                allowed_ips=tuple(ip_network(n) for n in p.allowed_ips),
-                taken_from_hub=tuple(ip_network(n) for n in p.taken_from_hub),
-                added_at=p.added_at,
-            )
-            for p in record.peers
+            _peer_from_file(p, f"interfaces.{name}.peers.{i}")
+            for i, p in enumerate(record["peers"])
         ]
         if peers:
             interfaces[name] = InterfaceLedger.of(peers)
@@ -218,16 +242,16 @@ class LedgerStore:
         except OSError as exc:
             raise LedgerError(f"cannot read ledger {self.path}: {exc}") from exc
         try:
-            version = json.loads(raw).get("version")
-        except (ValueError, AttributeError):
+            data = json.loads(raw)
+            version = data.get("version")
+        except (ValueError, AttributeError, RecursionError):
             return self._set_aside("not JSON or torn")
         if version not in READABLE_VERSIONS:
             return self._set_aside(f"unknown version {version!r} (this agent reads {VERSION})")
         try:
-            return _from_file(_LedgerFile.model_validate_json(raw))
-        except (ValidationError, ValueError) as exc:
-            first = str(exc).splitlines()[0]
-            return self._set_aside(f"not a ledger: {first}")
+            return _from_file(data)
+        except ValueError as exc:
+            return self._set_aside(f"not a ledger: {exc}")
 
     def _set_aside(self, why: str) -> Ledger:
         aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")

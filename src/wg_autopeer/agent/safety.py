@@ -9,16 +9,15 @@ the device owns. Anything else is refused with a readable reason. Pure.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import ip_address, ip_network
 from types import MappingProxyType
 
-from pydantic import ValidationError
-
 from wg_autopeer.errors import UnsafeAnswer
-from wg_autopeer.protocol import PeeringAnswer, PeerOffer
+from wg_autopeer.protocol import PeeringAnswer, PeerOffer, WireFormatError
 from wg_autopeer.wireguard.base import Endpoint, IPAddress, IPNetwork, is_valid_key
 
 MAX_ANSWER_BYTES = 1024 * 1024
@@ -245,11 +244,11 @@ def parse_answer(raw: bytes) -> PeeringAnswer:
     if len(raw) > MAX_ANSWER_BYTES:
         raise UnsafeAnswer(f"answer of {len(raw)} bytes exceeds {MAX_ANSWER_BYTES}")
     try:
-        answer = PeeringAnswer.model_validate_json(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "body"
-        raise UnsafeAnswer(f"answer is not the wire format: {where}: {first['msg']}") from exc
+        answer = PeeringAnswer.from_json(json.loads(raw))
+    except (ValueError, RecursionError) as exc:
+        # WireFormatError names the field; json's own errors say where the text broke.
+        what = exc if isinstance(exc, WireFormatError) else f"not JSON: {exc}"
+        raise UnsafeAnswer(f"answer is not the wire format: {what}") from exc
     if len(answer.peers) > MAX_PEERS:
         raise UnsafeAnswer(f"answer offers {len(answer.peers)} peers (at most {MAX_PEERS})")
     return answer

@@ -25,12 +25,12 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from wg_autopeer.protocol import (
+    LAN_ENTRY_SCHEMA,
     MAX_BODY_BYTES,
     MAX_ENTRIES,
     MAX_WAIT_SECONDS,
@@ -38,6 +38,7 @@ from wg_autopeer.protocol import (
     ErrorBody,
     LanEntry,
     PeeringAnswer,
+    WireFormatError,
 )
 from wg_autopeer.server.config import ServerConfig
 from wg_autopeer.server.coordinator import Coordinator
@@ -98,7 +99,6 @@ async def read_capped_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-_ENTRY = TypeAdapter(LanEntry)
 # How long a thread holds the GIL before another may take it (see ``lifespan``).
 GIL_SWITCH_S = 0.001
 
@@ -126,11 +126,9 @@ def parse_entries(body: bytes) -> list[LanEntry]:
         if not isinstance(item, dict):
             raise Refusal(400, "bad_request", f"entry {i} is not a JSON object")
         try:
-            entries.append(_ENTRY.validate_python(item))
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "entry"
-            raise Refusal(400, "bad_request", f"entry {i}: {where}: {first['msg']}") from None
+            entries.append(LanEntry.from_json(item))
+        except WireFormatError as exc:
+            raise Refusal(400, "bad_request", f"entry {i}: {exc}") from None
     if len({e.pubkey for e in entries}) != 1:
         raise Refusal(400, "bad_request", "entries carry different pubkeys")
     return entries
@@ -287,11 +285,11 @@ _REQUEST_SCHEMA = {
     "anyOf": [
         {
             "type": "array",
-            "items": LanEntry.model_json_schema(),
+            "items": LAN_ENTRY_SCHEMA,
             "minItems": 1,
             "maxItems": MAX_ENTRIES,
         },
-        LanEntry.model_json_schema(),
+        LAN_ENTRY_SCHEMA,
     ]
 }
 

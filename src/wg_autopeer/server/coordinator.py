@@ -75,7 +75,7 @@ class Coordinator:
         # its client's leave but finished after it must not register that client again.
         self.left_at: dict[str, float] = {}
         # The body each registered client last reported: the same bytes again (an agent's
-        # periodic report) reuse its registration's parsed LANs, skipping JSON, pydantic
+        # periodic report) reuse its registration's parsed LANs, skipping JSON, entry checks
         # and address parsing. Dropped with the registration.
         self.report_bodies: dict[str, bytes] = {}
         # For the hold of clients that route at once (see hold_for_neighbours): when each

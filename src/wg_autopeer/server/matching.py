@@ -155,7 +155,7 @@ def _offer(neighbour: Registration, lan: ReportedLan) -> PeerOffer:
 
 def offer_fields(neighbour: Registration, lan: ReportedLan) -> dict[str, object]:
     """``_offer(neighbour, lan)`` as its wire JSON object (``exclude_none``), built without
-    the pydantic model: the answer's hot path encodes these directly."""
+    the dataclass: the answer's hot path encodes these directly."""
     ips = [str(ip) for ip in neighbour.tunnel_ips]
     if lan.listen_port is None:
         return {"pubkey": neighbour.pubkey, "ip": ips}

@@ -49,7 +49,7 @@ def etag_of_body(body: bytes, *, registered: bool = True) -> str:
 
 def answer_bytes(answer: PeeringAnswer) -> bytes:
     """The answer exactly as it goes on the wire: absent fields omitted, keys sorted."""
-    return _encode(answer.model_dump(mode="json", exclude_none=True))
+    return _encode(answer.to_json())
 
 
 def _encode(answer: dict[str, object]) -> bytes:
