@@ -111,6 +111,14 @@ def test_stray_temp_file_from_a_crash_is_ignored(store: LedgerStore) -> None:
         b'{"version": 1, "interfaces": {"wg0": {"peers": [{"public_key": "k"}]}}}',
         b'{"version": 1, "interfaces": {"wg0": {"peers": [{"public_key": "k", '
         b'"endpoint": {"address": "nope", "port": 1}, "allowed_ips": []}]}}}',
+        # Checked whole: an unknown field, a port that is true, a network that is a number.
+        b'{"version": 1, "interfaces": {"wg0": {"peers": [{"public_key": "k", '
+        b'"endpoint": null, "allowed_ips": [], "owner": "me"}]}}}',
+        b'{"version": 1, "interfaces": {"wg0": {"peers": [{"public_key": "k", '
+        b'"endpoint": {"address": "192.168.1.2", "port": true}, "allowed_ips": []}]}}}',
+        b'{"version": 1, "interfaces": {"wg0": {"peers": [{"public_key": "k", '
+        b'"endpoint": null, "allowed_ips": [167772160]}]}}}',
+        b'{"version": 1, "interfaces": []}',
     ],
 )
 def test_torn_or_garbage_file_is_set_aside_and_read_empty(

@@ -224,3 +224,21 @@ def test_answer_over_one_mebibyte_is_refused_whole() -> None:
 def test_garbage_answer_is_unsafe(raw: bytes) -> None:
     with pytest.raises(UnsafeAnswer, match="not the wire format"):
         parse_answer(raw)
+
+
+@pytest.mark.parametrize(
+    ("peer", "field"),
+    [
+        ({"pubkey": 7}, "peers.0.pubkey"),
+        ({"endpoint": "192.168.1.2"}, "peers.0.pubkey"),
+        ({"pubkey": "k", "port": True}, "peers.0.port"),
+        ({"pubkey": "k", "port": 51820.5}, "peers.0.port"),
+        ({"pubkey": "k", "ip": "10.99.0.3/32"}, "peers.0.ip"),
+        ({"pubkey": "k", "ip": ["10.99.0.3/32", None]}, "peers.0.ip.1"),
+    ],
+)
+def test_answer_of_the_wrong_types_is_refused_naming_the_field(
+    peer: dict[str, object], field: str
+) -> None:
+    with pytest.raises(UnsafeAnswer, match=f"not the wire format: {field}:"):
+        parse_answer(_answer([peer]))
