@@ -14,7 +14,7 @@ import pytest
 from agent_keys import key
 
 from wg_autopeer.agent import client as client_module
-from wg_autopeer.agent.client import PeeringClient, default_server_url
+from wg_autopeer.agent.client import PeeringClient, _tls_context, default_server_url
 from wg_autopeer.agent.safety import MAX_ANSWER_BYTES
 from wg_autopeer.errors import ServerError, ServerRefused, UnsafeAnswer
 from wg_autopeer.protocol import LanEntry
@@ -362,3 +362,15 @@ async def test_leave_never_raises_and_gives_up_after_a_second(
 )
 def test_default_server_url_is_first_host_of_tunnel(network: object, url: str) -> None:
     assert default_server_url(network) == url  # type: ignore[arg-type]
+
+
+async def test_plain_http_never_parses_the_ca_bundle(serve: Serve) -> None:
+    # The verifying context (2 MiB, 30 ms) is built for https only, at its first request.
+    _tls_context.cache_clear()
+    server = await serve(answering(200, b'{"peers": []}', JSON))
+    async with PeeringClient() as client:
+        await client.report(server.url, ENTRIES)
+        assert _tls_context.cache_info().currsize == 0
+        with pytest.raises(ServerError):
+            await client.report(server.url.replace("http://", "https://"), ENTRIES)
+        assert _tls_context.cache_info().currsize == 1
