@@ -26,6 +26,7 @@ import pytest
 
 from wg_autopeer.agent.instance import LOCK_NAME
 from wg_autopeer.agent.localapi import AgentNotRunning
+from wg_autopeer.agent.worker import REPORT_RETRY_CAP
 from wg_autopeer.lab import Lab
 from wg_autopeer.lab.netns import wait_for
 from wg_autopeer.lab.services import (
@@ -363,11 +364,17 @@ def test_server_down_keeps_direct_peers_and_agent_reregisters_with_backoff(
 
     restarted = time.time()
     start_server(lab, "--db", str(db), log_name="server-2")
-    assert wait_for(lambda: _contacted_since(lab, "alice", restarted), timeout=65), (
+    # The server was down long enough for the retries to be up to the cap apart: one
+    # that failed just before the server listened again waits up to that long.
+    back_within = REPORT_RETRY_CAP + 15.0
+    assert wait_for(lambda: _contacted_since(lab, "alice", restarted), timeout=back_within), (
         f"alice never re-registered: {lab.log_path('agent-alice')}"
     )
     back_alice = time.time() - restarted
-    assert wait_for(lambda: _contacted_since(lab, "bob", restarted), timeout=65)
+    assert wait_for(
+        lambda: _contacted_since(lab, "bob", restarted),
+        timeout=max(1.0, restarted + back_within - time.time()),
+    ), f"bob never re-registered: {lab.log_path('agent-bob')}"
     back_bob = time.time() - restarted
     # Both hold a blocking query on the new server again: bob leaving reaches alice fast.
     assert lab.stop(bob, signal.SIGTERM, timeout=10) == 0

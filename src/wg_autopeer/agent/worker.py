@@ -58,6 +58,8 @@ T = TypeVar("T")
 
 # A server that answers at once every time must not make us spin.
 MIN_REQUEST_SPACING = 1.0
+# Failed reports are retried after 1, 2, 4 … s with full jitter, at most this far apart.
+REPORT_RETRY_CAP = 60.0
 QUICK_ANSWERS_ALLOWED = 3
 # Refusals remembered so each is logged once: four full answers' worth (256 offers each).
 MAX_REMEMBERED_REFUSALS = 1024
@@ -134,7 +136,7 @@ class InterfaceWorker:
         self._client: PeeringClient | None = None
         self._local_address: str | None = None
         self._closing: set[asyncio.Future[None]] = set()
-        self._backoff = Backoff(base=1.0, cap=60.0)
+        self._backoff = Backoff(base=1.0, cap=REPORT_RETRY_CAP)
         # Set once the first report has been tried (whatever its outcome): readiness.
         self.first_cycle_done = asyncio.Event()
 
