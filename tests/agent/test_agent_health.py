@@ -16,6 +16,7 @@ from wg_autopeer.agent.health import (
     Suppressions,
     TrafficWatch,
     judge,
+    recreate_due,
 )
 from wg_autopeer.wireguard.base import PeerState
 
@@ -242,3 +243,12 @@ def test_heartbeats_alone_leave_a_path_idle_and_traffic_shows_within_a_second() 
     # A re-created peer (counters start again) is busy until a window shows otherwise.
     now[0] += 3.0
     assert watch.observe("k", 10, 10)
+
+
+def test_a_pending_peer_is_recreated_after_a_second_the_greater_key_half_a_second_later() -> None:
+    small, large = "A" * 43 + "=", "B" * 43 + "="
+    assert not recreate_due(small, large, 0.9)
+    assert recreate_due(small, large, 1.0)
+    # The other side of the same pair: never in the same look as the first.
+    assert not recreate_due(large, small, 1.4)
+    assert recreate_due(large, small, 1.5)

@@ -66,6 +66,15 @@ IDLE_BYTES_PER_SECOND = 1024.0
 # Rates are taken over windows of three heartbeats, so one more or less at an edge
 # does not make an idle path look busy.
 TRAFFIC_WINDOW = 2.95
+# A first handshake initiation is dropped when it reaches the neighbour before the
+# neighbour has put us on its device: two agents told at the same moment add each other
+# in the same millisecond, and both initiations cross. WireGuard tries again only after
+# REKEY_TIMEOUT (5 s), all that time on the hub. A pending peer still without a handshake
+# this long after it was added is re-created once, which makes the device initiate at
+# once; the side with the greater key waits RECREATE_STAGGER longer, so that the two
+# re-creations of a pair never cross in turn.
+RECREATE_AFTER = 1.0
+RECREATE_STAGGER = 0.5
 # A deadline look comes this much after the deadline: the verdict wants "longer than".
 DEADLINE_SLACK = 0.02
 
@@ -91,6 +100,13 @@ class NextLook:
         if self.within is not None:
             candidates.append(now + max(0.0, self.within))
         return min(candidates, default=None)
+
+
+def recreate_due(own_key: str, peer_key: str, pending_for: float) -> bool:
+    """Whether a pending peer (no handshake yet) that was added ``pending_for`` seconds
+    ago should now be re-created to restart its handshake (see ``RECREATE_AFTER``)."""
+    stagger = RECREATE_STAGGER if own_key > peer_key else 0.0
+    return pending_for >= RECREATE_AFTER + stagger
 
 
 class PathState(enum.Enum):

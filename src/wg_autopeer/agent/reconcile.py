@@ -222,6 +222,17 @@ def keep_working_endpoints(
     return tuple(kept)
 
 
+def recreate_plan(ledger: InterfaceLedger, public_key: str, keepalive: int) -> Plan:
+    """Take a pending peer (ours, no routes) off the device and put it back as it was,
+    so that the device starts its handshake afresh; the ledger is unchanged (the grace
+    keeps running from the first add). Empty for a peer that is not ours and pending."""
+    entry = ledger.peers.get(public_key)
+    if entry is None or entry.allowed_ips or entry.endpoint is None:
+        return Plan((), ledger, ledger)
+    again = PeerConfig(public_key, (), entry.endpoint, keepalive)
+    return Plan((RemovePeer(public_key), SetPeer(again)), ledger, ledger)
+
+
 def removal_plan(device: DeviceState, ledger: InterfaceLedger, hub_key: str) -> Plan:
     """Remove every peer the agent added that is still on the device and give the
     hub its host routes back (shutdown, no gateway, recovery after a crash).

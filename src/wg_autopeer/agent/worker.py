@@ -34,9 +34,17 @@ from wg_autopeer.agent.health import (
     Suppressions,
     TrafficWatch,
     judge,
+    recreate_due,
 )
 from wg_autopeer.agent.ledger import InterfaceLedger, LedgerPeer
-from wg_autopeer.agent.reconcile import Plan, apply, keep_working_endpoints, plan, removal_plan
+from wg_autopeer.agent.reconcile import (
+    Plan,
+    apply,
+    keep_working_endpoints,
+    plan,
+    recreate_plan,
+    removal_plan,
+)
 from wg_autopeer.agent.safety import DirectPeer, SafetyContext, filter_offers
 from wg_autopeer.agent.tunnel import Tunnel, find_hub, find_tunnel
 from wg_autopeer.clock import GRID_SLACK, next_on_grid
@@ -122,6 +130,8 @@ class InterfaceWorker:
         self.proven: set[str] = set()
         self.rx_watch = RxWatch(clock.monotonic)
         self.traffic = TrafficWatch(clock.monotonic)
+        # Pending peers re-created once already to restart their handshake.
+        self.recreated: set[str] = set()
         # Set whenever direct peers were added or changed: the path watch looks at once.
         self.paths_changed = asyncio.Event()
         # Wall-clock time from which every path's grace runs at least (see restart_paths).
@@ -611,6 +621,7 @@ class InterfaceWorker:
         busy = False
         peers: list[DirectPeerStatus] = []
         states: list[PathState] = []
+        recreate: list[str] = []
         for entry in ledger:
             state = device.peer(entry.public_key)
             # Routes on a peer whose proof was withdrawn (restart_paths) go back to the
@@ -648,6 +659,13 @@ class InterfaceWorker:
                     state.endpoint if state else entry.endpoint,
                     ", ".join(str(ip) for ip in self._offered_routes(entry.public_key)),
                 )
+            if (
+                verdict.state is PathState.PENDING
+                and entry.public_key not in self.recreated
+                and device.public_key is not None
+                and recreate_due(device.public_key, entry.public_key, now - entry.added_at)
+            ):
+                recreate.append(entry.public_key)
             states.append(verdict.state)
             handshake = state.latest_handshake if state else None
             peers.append(
@@ -663,6 +681,9 @@ class InterfaceWorker:
                 )
             )
         self.status.direct_peers = peers
+        for key in recreate:
+            await self._recreate(key)
+        self.recreated.intersection_update(ledger.peers.keys())
         self.rx_watch.retain(ledger.peers.keys())
         self.traffic.retain(ledger.peers.keys())
         # A peer whose suppression ran out comes back here: the server's answer has not
@@ -691,6 +712,18 @@ class InterfaceWorker:
         remaining = [self.suppressions.remaining(p.public_key) for p in self.accepted]
         waiting = [r for r in remaining if r > 0]
         return NextLook(within=min(waiting) if waiting else None)
+
+    async def _recreate(self, public_key: str) -> None:
+        """Re-create a pending peer once, so its device initiates a handshake at once
+        instead of after WireGuard's 5 s retry (see ``health.RECREATE_AFTER``)."""
+        self.recreated.add(public_key)
+        keepalive = self.agent.config.persistent_keepalive
+        log.info("%s: no handshake with %.10s… yet: re-adding it", self.interface, public_key)
+
+        def make_plan(device: DeviceState, ledger: InterfaceLedger) -> Plan:
+            return recreate_plan(ledger, public_key, keepalive)
+
+        await self._apply(make_plan)
 
     def _first_deadline(self, ledger: InterfaceLedger) -> float | None:
         """Seconds until the first routed, non-passive path has been silent for longer
