@@ -8,6 +8,7 @@ from agent_keys import key
 from wg_autopeer.agent.backoff import Backoff
 from wg_autopeer.agent.health import (
     ACTIVE,
+    ADD_STAGGER,
     PASSIVE,
     PENDING,
     Health,
@@ -15,6 +16,8 @@ from wg_autopeer.agent.health import (
     RxWatch,
     Suppressions,
     TrafficWatch,
+    add_delay,
+    carries_data,
     judge,
     recreate_due,
 )
@@ -121,8 +124,10 @@ def test_rx_watch_measures_silence_since_the_counter_last_moved() -> None:
     assert watch.observe(BOB, 148) == 0.0
     clock.now += 1.0
     assert watch.observe(BOB, 148) == 1.0
-    watch.restart(BOB)
-    assert watch.observe(BOB, 148) == 0.0
+    watch.restart(BOB, 148)  # the silence starts again now, from the same count
+    clock.now += 0.5
+    assert watch.observe(BOB, 148) == 0.5
+    assert watch.observe(BOB, 180) == 0.0
     watch.retain(())
     clock.now += 9
     assert watch.observe(BOB, 148) == 0.0
@@ -252,3 +257,31 @@ def test_a_pending_peer_is_recreated_after_a_second_the_greater_key_half_a_secon
     # The other side of the same pair: never in the same look as the first.
     assert not recreate_due(large, small, 1.4)
     assert recreate_due(large, small, 1.5)
+
+
+def test_only_the_greater_key_of_a_pair_waits_before_adding_new_peers() -> None:
+    low, middle, high = sorted((key(1), key(5), key(9)))
+    assert add_delay(high, [low]) == ADD_STAGGER
+    assert add_delay(low, [high]) == 0.0
+    assert add_delay(middle, [high, low]) == ADD_STAGGER  # greater than one of them
+    assert add_delay(high, []) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("received", "data"),
+    [
+        (0, False),
+        (148, False),  # a handshake initiation
+        (92, False),  # a handshake response
+        (240, False),  # one of each: could be data too, the next look decides
+        (296, False),  # two initiations
+        (32, True),  # a keepalive
+        (96, True),  # a heartbeat
+        (112, True),  # the answer to one (ICMP port unreachable)
+        (244, True),  # an initiation and a heartbeat
+    ],
+)
+def test_only_growth_that_handshakes_cannot_make_up_counts_as_data(
+    received: int, data: bool
+) -> None:
+    assert carries_data(received) is data

@@ -19,10 +19,13 @@ from wg_autopeer.agent.config import AgentConfig
 from wg_autopeer.agent.daemon import Agent
 from wg_autopeer.agent.health import (
     ACTIVE_TICK,
+    CONFIRM_WITHIN,
     DEADLINE_SLACK,
     HEARTBEAT_INTERVAL,
     IDLE_TICK,
     PENDING_TICK,
+    RECREATE_AFTER,
+    RECREATE_STAGGER,
     NextLook,
 )
 from wg_autopeer.agent.safety import DirectPeer
@@ -141,6 +144,34 @@ async def test_new_neighbour_waits_unrouted_until_its_handshake(
     )
 
 
+async def test_pending_peer_is_recreated_once_per_addition(
+    worker: InterfaceWorker, device: FakeWireGuard, time_: FakeTime
+) -> None:
+    def recreations(additions: int) -> int:
+        # A re-creation is a removal and a set; every addition is one set more.
+        return sum(1 for w in device.writes if w == ("set_peer", WG, BOB)) - additions
+
+    # Whichever key is the greater: past both the first re-creation and the staggered one.
+    due = RECREATE_AFTER + RECREATE_STAGGER + 0.1
+    for addition in (1, 2):
+        await offered(worker, BOB_OFFER)
+        await worker.check_paths()
+        assert recreations(addition) == addition - 1  # a new peer is given its second
+        time_.advance(due)
+        await worker.check_paths()
+        assert recreations(addition) == addition
+        assert await bob(device) is not None  # re-created: still there, still pending
+        time_.advance(due)
+        await worker.check_paths()
+        assert recreations(addition) == addition  # once per addition, not every second
+        # The neighbour leaves (its offer withdrawn) and the watch goes quiet with it;
+        # when it comes back it is a new peer whose first handshakes may cross again.
+        await offered(worker)
+        assert await bob(device) is None
+        assert await worker.check_paths() == NextLook()
+        time_.advance(1.0)
+
+
 async def test_silent_active_path_goes_back_to_the_hub_after_the_keepalive(
     worker: InterfaceWorker, device: FakeWireGuard, time_: FakeTime
 ) -> None:
@@ -162,6 +193,52 @@ async def test_silent_active_path_goes_back_to_the_hub_after_the_keepalive(
     assert hub is not None
     assert hub.allowed_ips == HUB_ROUTES
     assert worker.suppressions.is_suppressed(BOB)
+
+
+async def test_path_moved_onto_that_carries_nothing_goes_back_to_the_hub_within_a_second(
+    worker: InterfaceWorker, device: FakeWireGuard, time_: FakeTime
+) -> None:
+    # Both sides saw a handshake (wireguard-go can complete one with no session that
+    # carries data): the routes move, but the neighbour's traffic never follows.
+    await offered(worker, BOB_OFFER)
+    device.update_peer(WG, BOB, latest_handshake=time_.wall, rx_bytes=240)
+    await worker.check_paths()
+    peer = await bob(device)
+    assert peer is not None
+    assert peer.allowed_ips == (BOB_ROUTE,)
+    # Looked at often, and at the confirmation deadline, not a keepalive later.
+    look = await worker.check_paths()
+    assert look.tick == PENDING_TICK
+    assert look.within == pytest.approx(CONFIRM_WITHIN + DEADLINE_SLACK)
+    # A handshake initiation arriving (the neighbour restarting its handshake) is no data.
+    time_.advance(0.5)
+    device.update_peer(WG, BOB, rx_bytes=240 + 148)
+    look = await worker.check_paths()
+    assert look.within == pytest.approx(CONFIRM_WITHIN - 0.5 + DEADLINE_SLACK)
+    time_.advance(CONFIRM_WITHIN - 0.5 + DEADLINE_SLACK)
+    await worker.check_paths()
+    assert await bob(device) is None  # back on the hub
+    hub = (await device.get_device(WG)).peer(HUB)
+    assert hub is not None
+    assert hub.allowed_ips == HUB_ROUTES
+    assert worker.suppressions.is_suppressed(BOB)
+
+
+async def test_path_whose_neighbour_answers_is_then_judged_by_the_keepalive(
+    worker: InterfaceWorker, device: FakeWireGuard, time_: FakeTime
+) -> None:
+    await offered(worker, BOB_OFFER)
+    device.update_peer(WG, BOB, latest_handshake=time_.wall, rx_bytes=240)
+    await worker.check_paths()
+    time_.advance(0.2)
+    device.update_peer(WG, BOB, rx_bytes=336)  # the neighbour's first heartbeat
+    await worker.check_paths()
+    assert worker.unconfirmed == {}
+    time_.advance(worker.agent.config.persistent_keepalive - 0.1)
+    await worker.check_paths()
+    peer = await bob(device)
+    assert peer is not None
+    assert peer.allowed_ips == (BOB_ROUTE,)  # silent for less than the keepalive
 
 
 async def test_path_that_never_handshakes_fails_quietly_without_ever_routing(

@@ -9,6 +9,7 @@ wireguard-go, real server or a wireguard-web-like one, real NATs and bridges.
 from __future__ import annotations
 
 import dataclasses
+import json
 import signal
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from ipaddress import IPv4Interface
 import pytest
 
 from labkit import LabFactory
+from wg_autopeer.agent.health import CONFIRM_WITHIN, PENDING_TICK
 from wg_autopeer.lab import Lab, Topology, default_topology
 from wg_autopeer.lab.netns import wait_for
 from wg_autopeer.lab.pingwatch import ContinuousPing, PingResult
@@ -87,6 +89,106 @@ def test_push_join_proves_the_path_before_moving_traffic(lab_factory: LabFactory
     status = agent_call(lab, "alice", "status")
     peer = status["interfaces"][0]["direct_peers"][0]
     assert (peer["health"], peer["routed"]) == ("active", True)
+
+
+# WireGuard retries a handshake that got no answer only after REKEY_TIMEOUT (5 s).
+REKEY_TIMEOUT = 5.0
+# WireGuard message types (the first four payload bytes, little-endian).
+HANDSHAKE_INITIATION = 1
+TRANSPORT_DATA = 4
+_DROP_TABLE = "wgap_drop"
+
+
+def _drop_wireguard_messages(lab: Lab, host: str, sender: str, message_type: int) -> None:
+    """Drop, in ``host``'s namespace, every WireGuard message of ``message_type`` that
+    ``sender`` sends it over the LAN (counted, see ``_dropped``)."""
+    port = lab.topology.client(host).listen_port
+    lab.run(
+        host,
+        "nft",
+        "-f",
+        "-",
+        stdin_text=(
+            f"table inet {_DROP_TABLE} {{\n"
+            "  chain input {\n"
+            "    type filter hook input priority -10; policy accept;\n"
+            f"    ip saddr {lab.lan_ip(sender)} udp dport {port}"
+            f" @th,64,32 {message_type << 24:#010x} counter drop\n"
+            "  }\n"
+            "}\n"
+        ),
+    )
+
+
+def _dropped(lab: Lab, host: str) -> int:
+    listing = lab.run(host, "nft", "-j", "list", "table", "inet", _DROP_TABLE).stdout
+    return sum(
+        expr["counter"]["packets"]
+        for item in json.loads(listing)["nftables"]
+        if "rule" in item
+        for expr in item["rule"]["expr"]
+        if "counter" in expr
+    )
+
+
+def test_join_whose_first_handshakes_are_lost_goes_direct_before_wireguards_retry(
+    lab_factory: LabFactory,
+) -> None:
+    # Two agents told at the same moment add each other in the same millisecond; both
+    # first initiations can cross and be lost, and WireGuard itself tries again only
+    # after 5 s. Here the LAN loses them on purpose: the agents must restart the
+    # handshake themselves (a pending peer is re-created) well before that retry.
+    lab = lab_factory()
+    for host, sender in (("alice", "bob"), ("bob", "alice")):
+        _drop_wireguard_messages(lab, host, sender, HANDSHAKE_INITIATION)
+    ping = _ping(lab)
+    start_server(lab)
+    start_agent(lab, "alice")
+    start_agent(lab, "bob")
+    first_drop: float | None = None
+
+    def both_lost() -> bool:
+        nonlocal first_drop
+        lost = [_dropped(lab, host) for host in ("alice", "bob")]
+        if first_drop is None and any(lost):
+            first_drop = time.monotonic()
+        return all(lost)
+
+    assert wait_for(both_lost, timeout=15, interval=0.02), "the agents never tried each other"
+    assert first_drop is not None
+    for host in ("alice", "bob"):
+        lab.run(host, "nft", "delete", "table", "inet", _DROP_TABLE)
+    assert wait_for(lambda: direct_both_ways(lab, "alice", "bob"), timeout=15), "never went direct"
+    direct_after = time.monotonic() - first_drop
+    result = ping.stop()
+    # WireGuard's own retry would come REKEY_TIMEOUT after the first lost initiation.
+    assert direct_after < REKEY_TIMEOUT - 1.0, direct_after
+    # Traffic stayed on the hub all along: nothing moved before the path was proven.
+    assert result.lost <= JOIN_LOSS, _report(result)
+
+
+def test_path_whose_handshake_works_but_not_its_data_is_left_within_a_second(
+    lab_factory: LabFactory,
+) -> None:
+    # What a race of two crossing initiations in wireguard-go leaves behind: a handshake
+    # that proves the path, and no session that carries data. Here the LAN lets the
+    # handshakes through and drops every data message between the two.
+    lab = lab_factory()
+    for host, sender in (("alice", "bob"), ("bob", "alice")):
+        _drop_wireguard_messages(lab, host, sender, TRANSPORT_DATA)
+    ping = _ping(lab)
+    start_server(lab)
+    start_agent(lab, "alice")
+    start_agent(lab, "bob")
+    assert wait_for(lambda: direct_either_way(lab, "alice", "bob"), timeout=15), "never moved"
+    assert wait_for(lambda: _neither_direct(lab), timeout=CONFIRM_WITHIN + 2)
+    time.sleep(2.0)  # the other side may try once more (its handshake restart): watch it
+    result = ping.stop()
+    assert sum(_dropped(lab, host) for host in ("alice", "bob")) > 0
+    # Each side moves onto the path once (the second after its handshake restart) and
+    # leaves it within the confirmation window, not the keepalive after which a silent
+    # path is given up; back to back, the ping between them can feel both.
+    assert result.longest_outage <= 2 * (CONFIRM_WITHIN + PENDING_TICK) + 0.1, _report(result)
 
 
 def test_client_isolated_lan_never_moves_traffic_and_loses_nothing(

@@ -10,10 +10,13 @@ proven path gets the routes; a path that stops working loses them at once.
   port: the seed's agent, wireguard-web). Nothing to try from here; the
   neighbour's own handshake proves the path. No grace runs out.
 - ``ACTIVE``: proven (a fresh handshake and bytes received) and carrying routes.
-  It stays so while bytes keep arriving: both agents send a heartbeat through
-  every active path each second (``HEARTBEAT_INTERVAL``), so silence for longer
-  than ``dead_after`` (the direct keepalive) means the path is gone. A passive
-  path, whose neighbour may send no heartbeat, is judged by handshake age only.
+  A handshake is not yet proof that data flows both ways (see ``CONFIRM_WITHIN``):
+  the neighbour's traffic must arrive within a second of moving onto the path, or
+  the routes go back to the hub. It stays so while bytes keep arriving: both
+  agents send a heartbeat through every active path each second
+  (``HEARTBEAT_INTERVAL``), so silence for longer than ``dead_after`` (the direct
+  keepalive) means the path is gone. A passive path, whose neighbour may send no
+  heartbeat, is judged by handshake age only.
 - ``FAILED``: no handshake within the grace, nothing received for
   ``dead_after`` seconds, a stale handshake, or the peer vanished.
 
@@ -75,6 +78,26 @@ TRAFFIC_WINDOW = 2.95
 # re-creations of a pair never cross in turn.
 RECREATE_AFTER = 1.0
 RECREATE_STAGGER = 0.5
+# Two initiations that do cross can also leave a pair with a handshake on both sides
+# and no session that carries data: wireguard-go consumes the other's initiation and
+# the answer to its own in parallel workers, and one overwrites the state the other
+# needs ("Failed to derive keypair: ... handshakeZeroed"); seen in about 1 of 30 joins
+# in the lab. So the side with the greater key puts a new peer on its device this much
+# later than the other: the lesser key's initiation then reaches a device that does not
+# know it yet (dropped, no state touched), and the greater key's own initiation, a
+# moment later, is the only one in flight.
+ADD_STAGGER = 0.05
+# The second line of defence, whatever the cause: a path moved onto must show the
+# neighbour's traffic within this long, or its routes go back to the hub. Each agent
+# sends a heartbeat the moment it moves its routes, and the other's answers or own
+# heartbeat arrive within the two sides' skew (one PENDING_TICK) plus a round trip.
+# Handshake messages count as received bytes too (a retry, the neighbour's handshake
+# restart), so only growth they cannot make up counts: see ``carries_data``.
+CONFIRM_WITHIN = 1.0
+# Sizes of the WireGuard messages that count as received bytes without being data
+# (a data message is 32 bytes plus its payload padded to 16).
+HANDSHAKE_INITIATION_BYTES = 148
+HANDSHAKE_RESPONSE_BYTES = 92
 # A deadline look comes this much after the deadline: the verdict wants "longer than".
 DEADLINE_SLACK = 0.02
 
@@ -100,6 +123,23 @@ class NextLook:
         if self.within is not None:
             candidates.append(now + max(0.0, self.within))
         return min(candidates, default=None)
+
+
+def add_delay(own_key: str, new_peer_keys: Iterable[str]) -> float:
+    """How long to wait before putting new peers (that we will initiate to) on the
+    device: ``ADD_STAGGER`` when our key is the greater of any pair, else 0."""
+    return ADD_STAGGER if any(own_key > key for key in new_peer_keys) else 0.0
+
+
+def carries_data(received: int) -> bool:
+    """Whether ``received`` more bytes on a peer must include a data message: true
+    unless handshake initiations and responses alone can make up that sum. (A sum they
+    can make up may hold data too; the next look decides then.)"""
+    initiation, response = HANDSHAKE_INITIATION_BYTES, HANDSHAKE_RESPONSE_BYTES
+    return received > 0 and all(
+        (received - initiations * initiation) % response
+        for initiations in range(received // initiation + 1)
+    )
 
 
 def recreate_due(own_key: str, peer_key: str, pending_for: float) -> bool:
@@ -149,12 +189,15 @@ def judge(
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
     dead_after: float = 3.0,
     stale_after: float = STALE_AFTER,
+    confirming: bool = False,
 ) -> Health:
     """Judge one direct path as of ``now`` (epoch seconds).
 
     ``routed``: the neighbour's routes are on the peer now. ``passive``: the peer
     has no endpoint of ours to try. ``added_at``: when the agent put it on the
-    device. ``rx_idle``: seconds since its received bytes last grew.
+    device. ``rx_idle``: seconds since its received bytes last grew. ``confirming``:
+    routed a moment ago and nothing received since (``dead_after`` is then
+    ``CONFIRM_WITHIN``).
     ``peer`` is None when the peer is no longer on the device: a failure, since
     the agent put it there and something else took it away.
     """
@@ -165,7 +208,8 @@ def judge(
     fresh = handshake is not None and now - handshake <= stale_after
     if not routed:
         # A peer being proven was added fresh, so any handshake it has is with the
-        # neighbour at this endpoint, and a completed one means both ways work.
+        # neighbour at this endpoint, and a completed one almost always means both ways
+        # work; the traffic that must follow within CONFIRM_WITHIN settles it.
         if fresh and peer.rx_bytes > 0:
             return ACTIVE
         if passive:
@@ -178,6 +222,8 @@ def judge(
     if not fresh:
         return Health(PathState.FAILED, f"handshake stale for {int(now - handshake)} s")
     if not passive and rx_idle > dead_after:
+        if confirming:
+            return Health(PathState.FAILED, f"nothing received in its first {dead_after:g} s")
         return Health(PathState.FAILED, f"nothing received for {rx_idle:.1f} s")
     return ACTIVE
 
@@ -207,9 +253,10 @@ class RxWatch:
         last = self._seen.get(public_key)
         return None if last is None else self._clock() - last[1]
 
-    def restart(self, public_key: str) -> None:
-        """Start the silence clock afresh (a path just proven gets a full window)."""
-        self._seen.pop(public_key, None)
+    def restart(self, public_key: str, rx_bytes: int) -> None:
+        """Start the silence clock afresh at ``rx_bytes`` (a path just proven gets a
+        full window, and only bytes received after this count as traffic on it)."""
+        self._seen[public_key] = (rx_bytes, self._clock())
 
     def retain(self, public_keys: Iterable[str]) -> None:
         keep = set(public_keys)

@@ -24,6 +24,7 @@ from wg_autopeer.agent.backoff import Backoff
 from wg_autopeer.agent.client import PeeringClient
 from wg_autopeer.agent.health import (
     ACTIVE_TICK,
+    CONFIRM_WITHIN,
     DEADLINE_SLACK,
     HEARTBEAT_INTERVAL,
     IDLE_TICK,
@@ -33,6 +34,8 @@ from wg_autopeer.agent.health import (
     RxWatch,
     Suppressions,
     TrafficWatch,
+    add_delay,
+    carries_data,
     judge,
     recreate_due,
 )
@@ -128,10 +131,24 @@ class InterfaceWorker:
         self.suppressions = Suppressions(clock=clock.monotonic)
         # Keys whose direct path is proven: only they get the neighbour's routes.
         self.proven: set[str] = set()
+        # This device's public key, as last read (add_delay needs it).
+        self._own_key: str | None = None
+        # Proven, routed a moment ago, and no data received from the neighbour since:
+        # it must arrive within CONFIRM_WITHIN (see health.py). Key -> the received
+        # bytes count at the last look, and when the routes moved (monotonic).
+        self.unconfirmed: dict[str, tuple[int, float]] = {}
+        # Loop time until which heartbeats go out every PENDING_TICK instead of every
+        # second: the first CONFIRM_WITHIN after a path was moved onto, so that the
+        # neighbour's confirmation never hangs on one heartbeat (or on an answer to ours
+        # that its firewall may never send).
+        self._fast_heartbeats_until = 0.0
         self.rx_watch = RxWatch(clock.monotonic)
         self.traffic = TrafficWatch(clock.monotonic)
-        # Pending peers re-created once already to restart their handshake.
-        self.recreated: set[str] = set()
+        # Pending peers re-created once already to restart their handshake: key -> the
+        # ledger entry's ``added_at``. Keyed by the addition, not only the key, so that a
+        # neighbour who leaves and comes back is a new peer that may be re-created again
+        # (it is pruned only when the path watch runs, which it may not in between).
+        self.recreated: dict[str, float] = {}
         # Set whenever direct peers were added or changed: the path watch looks at once.
         self.paths_changed = asyncio.Event()
         # Wall-clock time from which every path's grace runs at least (see restart_paths).
@@ -278,6 +295,7 @@ class InterfaceWorker:
         if device.public_key is None:
             self._set_outcome("the interface has no key")
             return agent.config.interval
+        self._own_key = device.public_key
         tunnel = self._tunnel(device)
         if tunnel is None:
             return agent.config.interval
@@ -417,6 +435,19 @@ class InterfaceWorker:
     async def reconcile(self, hub_key: str) -> None:
         """Make the device hold exactly the accepted, unsuppressed direct peers, with
         the neighbour's routes on the proven ones only."""
+        if self._own_key is not None:
+            ledger = self._ledger()
+            new = [
+                p.public_key
+                for p in self.accepted
+                if p.endpoint is not None
+                and p.public_key not in ledger
+                and not self.suppressions.is_suppressed(p.public_key)
+            ]
+            delay = add_delay(self._own_key, new)
+            if delay:
+                # Before the plan is made, and not under the apply lock.
+                await asyncio.sleep(delay)
         desired = [p for p in self.accepted if not self.suppressions.is_suppressed(p.public_key)]
         lans = tuple(u.address.network for u in self.agent.snapshot.lan_uplinks())
         config = self.agent.config
@@ -546,7 +577,8 @@ class InterfaceWorker:
                 # A look woken at the grid instant may read the clock a hair before it.
                 if now >= next_heartbeat - GRID_SLACK:
                     self._send_heartbeats()
-                    next_heartbeat = next_on_grid(now, HEARTBEAT_INTERVAL)
+                    fast = now < self._fast_heartbeats_until
+                    next_heartbeat = next_on_grid(now, PENDING_TICK if fast else HEARTBEAT_INTERVAL)
                 due = next_heartbeat if due is None else min(due, next_heartbeat)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(due):
@@ -622,22 +654,37 @@ class InterfaceWorker:
         peers: list[DirectPeerStatus] = []
         states: list[PathState] = []
         recreate: list[str] = []
+        newly_proven = False
         for entry in ledger:
             state = device.peer(entry.public_key)
             # Routes on a peer whose proof was withdrawn (restart_paths) go back to the
             # hub unless the path proves itself again right here.
             routed = bool(entry.allowed_ips) and entry.public_key in self.proven
             changed = changed or (bool(entry.allowed_ips) and not routed)
+            rx_bytes = state.rx_bytes if state else 0
+            rx_idle = self.rx_watch.observe(entry.public_key, rx_bytes)
+            confirming = routed and entry.public_key in self.unconfirmed
+            if confirming:
+                last_rx, routed_at = self.unconfirmed[entry.public_key]
+                if carries_data(rx_bytes - last_rx):
+                    del self.unconfirmed[entry.public_key]
+                    confirming = False
+                else:
+                    # Judged by the time since the routes moved: handshake bytes that
+                    # arrived since say nothing of whether data gets through.
+                    self.unconfirmed[entry.public_key] = (rx_bytes, routed_at)
+                    rx_idle = self.agent.clock.monotonic() - routed_at
             verdict = judge(
                 state,
                 routed=routed,
                 passive=entry.endpoint is None,
                 added_at=max(entry.added_at, self._grace_from),
                 now=now,
-                rx_idle=self.rx_watch.observe(entry.public_key, state.rx_bytes if state else 0),
+                rx_idle=rx_idle,
                 handshake_timeout=self._handshake_timeout(),
-                dead_after=config.persistent_keepalive,
+                dead_after=CONFIRM_WITHIN if confirming else config.persistent_keepalive,
                 stale_after=config.handshake_stale_after,
+                confirming=confirming,
             )
             if verdict.failed:
                 changed = True
@@ -649,8 +696,11 @@ class InterfaceWorker:
                     busy |= self.traffic.observe(entry.public_key, state.rx_bytes, state.tx_bytes)
             elif verdict.routable and not routed:
                 changed = True
+                newly_proven = True
                 self.proven.add(entry.public_key)
-                self.rx_watch.restart(entry.public_key)
+                if entry.endpoint is not None:
+                    self.unconfirmed[entry.public_key] = (rx_bytes, self.agent.clock.monotonic())
+                self.rx_watch.restart(entry.public_key, rx_bytes)
                 self.suppressions.record_healthy(entry.public_key)
                 log.info(
                     "%s: direct path to %.10s… at %s proven; routes %s move onto it",
@@ -661,7 +711,7 @@ class InterfaceWorker:
                 )
             if (
                 verdict.state is PathState.PENDING
-                and entry.public_key not in self.recreated
+                and self.recreated.get(entry.public_key) != entry.added_at
                 and device.public_key is not None
                 and recreate_due(device.public_key, entry.public_key, now - entry.added_at)
             ):
@@ -682,8 +732,8 @@ class InterfaceWorker:
             )
         self.status.direct_peers = peers
         for key in recreate:
-            await self._recreate(key)
-        self.recreated.intersection_update(ledger.peers.keys())
+            await self._recreate(key, ledger.peers[key].added_at)
+        self.recreated = {k: v for k, v in self.recreated.items() if k in ledger.peers}
         self.rx_watch.retain(ledger.peers.keys())
         self.traffic.retain(ledger.peers.keys())
         # A peer whose suppression ran out comes back here: the server's answer has not
@@ -692,10 +742,20 @@ class InterfaceWorker:
             p.public_key not in ledger and not self.suppressions.is_suppressed(p.public_key)
             for p in self.accepted
         )
+        self.unconfirmed = {k: v for k, v in self.unconfirmed.items() if k in self.proven}
         if changed or returning:
             await self.reconcile(self._hub_key(device))
+        if newly_proven:
+            # The neighbour's answer to it confirms the path (see CONFIRM_WITHIN) without
+            # waiting for the next heartbeat on the grid; more follow in quick succession.
+            self._send_heartbeats()
+            self._fast_heartbeats_until = asyncio.get_running_loop().time() + CONFIRM_WITHIN
         if changed or PathState.PENDING in states:
             return NextLook(PENDING_TICK)
+        if self.unconfirmed:
+            # A path just moved onto waits for the neighbour's data: look often, and at
+            # its deadline exactly.
+            return NextLook(PENDING_TICK, self._first_deadline(ledger))
         if PathState.PASSIVE in states:
             # A passive peer is proven by the neighbour's handshake, which may come
             # whenever the neighbour learns of us: watch closely at first, then calmly.
@@ -713,10 +773,10 @@ class InterfaceWorker:
         waiting = [r for r in remaining if r > 0]
         return NextLook(within=min(waiting) if waiting else None)
 
-    async def _recreate(self, public_key: str) -> None:
+    async def _recreate(self, public_key: str, added_at: float) -> None:
         """Re-create a pending peer once, so its device initiates a handshake at once
         instead of after WireGuard's 5 s retry (see ``health.RECREATE_AFTER``)."""
-        self.recreated.add(public_key)
+        self.recreated[public_key] = added_at
         keepalive = self.agent.config.persistent_keepalive
         log.info("%s: no handshake with %.10s… yet: re-adding it", self.interface, public_key)
 
@@ -727,10 +787,14 @@ class InterfaceWorker:
 
     def _first_deadline(self, ledger: InterfaceLedger) -> float | None:
         """Seconds until the first routed, non-passive path has been silent for longer
-        than the keepalive: it is judged then, not up to a tick later."""
-        dead_after = self.agent.config.persistent_keepalive
+        than the keepalive (or, just moved onto, than CONFIRM_WITHIN): it is judged
+        then, not up to a tick later."""
+        keepalive = self.agent.config.persistent_keepalive
+        now = self.agent.clock.monotonic()
         left = [
-            dead_after - silent + DEADLINE_SLACK
+            CONFIRM_WITHIN - (now - self.unconfirmed[entry.public_key][1]) + DEADLINE_SLACK
+            if entry.public_key in self.unconfirmed
+            else keepalive - silent + DEADLINE_SLACK
             for entry in ledger
             if entry.endpoint is not None and entry.public_key in self.proven
             for silent in [self.rx_watch.silent_for(entry.public_key)]
