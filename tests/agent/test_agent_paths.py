@@ -119,6 +119,14 @@ async def offered(worker: InterfaceWorker, *peers: DirectPeer) -> None:
     await worker.reconcile(HUB)
 
 
+async def assert_back_on_the_hub(worker: InterfaceWorker, device: FakeWireGuard) -> None:
+    """bob's routes are the hub's again, and bob is not tried again for a while."""
+    hub = (await device.get_device(WG)).peer(HUB)
+    assert hub is not None
+    assert hub.allowed_ips == HUB_ROUTES
+    assert worker.suppressions.is_suppressed(BOB)
+
+
 async def test_new_neighbour_waits_unrouted_until_its_handshake(
     worker: InterfaceWorker, device: FakeWireGuard, time_: FakeTime
 ) -> None:
@@ -189,10 +197,20 @@ async def test_silent_active_path_goes_back_to_the_hub_after_the_keepalive(
     time_.advance(0.3)
     await worker.check_paths()
     assert await bob(device) is None  # silent for 3.2 s: removed, routes back on the hub
-    hub = (await device.get_device(WG)).peer(HUB)
-    assert hub is not None
-    assert hub.allowed_ips == HUB_ROUTES
-    assert worker.suppressions.is_suppressed(BOB)
+    await assert_back_on_the_hub(worker, device)
+
+
+async def routed_after_a_handshake(
+    worker: InterfaceWorker, device: FakeWireGuard, time_: FakeTime
+) -> None:
+    """bob is offered, handshakes (an initiation and a response received: 240 bytes)
+    and gets his routes."""
+    await offered(worker, BOB_OFFER)
+    device.update_peer(WG, BOB, latest_handshake=time_.wall, rx_bytes=240)
+    await worker.check_paths()
+    peer = await bob(device)
+    assert peer is not None
+    assert peer.allowed_ips == (BOB_ROUTE,)
 
 
 async def test_path_moved_onto_that_carries_nothing_goes_back_to_the_hub_within_a_second(
@@ -200,12 +218,7 @@ async def test_path_moved_onto_that_carries_nothing_goes_back_to_the_hub_within_
 ) -> None:
     # Both sides saw a handshake (wireguard-go can complete one with no session that
     # carries data): the routes move, but the neighbour's traffic never follows.
-    await offered(worker, BOB_OFFER)
-    device.update_peer(WG, BOB, latest_handshake=time_.wall, rx_bytes=240)
-    await worker.check_paths()
-    peer = await bob(device)
-    assert peer is not None
-    assert peer.allowed_ips == (BOB_ROUTE,)
+    await routed_after_a_handshake(worker, device, time_)
     # Looked at often, and at the confirmation deadline, not a keepalive later.
     look = await worker.check_paths()
     assert look.tick == PENDING_TICK
@@ -217,19 +230,14 @@ async def test_path_moved_onto_that_carries_nothing_goes_back_to_the_hub_within_
     assert look.within == pytest.approx(CONFIRM_WITHIN - 0.5 + DEADLINE_SLACK)
     time_.advance(CONFIRM_WITHIN - 0.5 + DEADLINE_SLACK)
     await worker.check_paths()
-    assert await bob(device) is None  # back on the hub
-    hub = (await device.get_device(WG)).peer(HUB)
-    assert hub is not None
-    assert hub.allowed_ips == HUB_ROUTES
-    assert worker.suppressions.is_suppressed(BOB)
+    assert await bob(device) is None
+    await assert_back_on_the_hub(worker, device)
 
 
 async def test_path_whose_neighbour_answers_is_then_judged_by_the_keepalive(
     worker: InterfaceWorker, device: FakeWireGuard, time_: FakeTime
 ) -> None:
-    await offered(worker, BOB_OFFER)
-    device.update_peer(WG, BOB, latest_handshake=time_.wall, rx_bytes=240)
-    await worker.check_paths()
+    await routed_after_a_handshake(worker, device, time_)
     time_.advance(0.2)
     device.update_peer(WG, BOB, rx_bytes=336)  # the neighbour's first heartbeat
     await worker.check_paths()

@@ -350,19 +350,21 @@ def test_working_peer_keeps_its_endpoint_when_another_port_is_offered(
     assert off_lan == (offered_again,)
 
 
-def test_recreate_takes_a_pending_peer_off_and_back_as_it_was_and_nothing_else() -> None:
+def test_recreate_takes_pending_peers_off_and_back_as_they_were_and_nothing_else() -> None:
     endpoint = Endpoint(ip_address("192.168.50.11"), 51820)
     pending = LedgerPeer(key(4), endpoint, (), added_at=100.0)
     routed = LedgerPeer(key(5), endpoint, (net("10.99.0.5/32"),), added_at=100.0)
     passive = LedgerPeer(key(6), None, (), added_at=100.0)
-    ledger = InterfaceLedger.of([pending, routed, passive])
-    again = recreate_plan(ledger, key(4), 3)
+    also_pending = LedgerPeer(key(7), endpoint, (), added_at=101.0)
+    ledger = InterfaceLedger.of([pending, routed, passive, also_pending])
+    # A routed peer, a passive one and a peer that is not ours are left out.
+    again = recreate_plan(ledger, [key(5), key(4), key(6), key(9), key(7)], 3)
     assert again.operations == (
         RemovePeer(key(4)),
         SetPeer(PeerConfig(key(4), (), endpoint, 3)),
+        RemovePeer(key(7)),
+        SetPeer(PeerConfig(key(7), (), endpoint, 3)),
     )
     # The ledger, and so the grace counted from the first add, is unchanged.
     assert again.ledger == ledger == again.previous
-    # A routed peer, a passive one and a peer that is not ours are left alone.
-    for other in (key(5), key(6), key(9)):
-        assert recreate_plan(ledger, other, 3).operations == ()
+    assert recreate_plan(ledger, [key(5), key(6), key(9)], 3).empty

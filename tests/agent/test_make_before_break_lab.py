@@ -131,6 +131,18 @@ def _dropped(lab: Lab, host: str) -> int:
     )
 
 
+def _pair_up_while_the_lan_drops(lab: Lab, message_type: int) -> ContinuousPing:
+    """Drop ``message_type`` between alice and bob both ways, start the ping, the server
+    and both agents."""
+    for host, sender in (("alice", "bob"), ("bob", "alice")):
+        _drop_wireguard_messages(lab, host, sender, message_type)
+    ping = _ping(lab)
+    start_server(lab)
+    start_agent(lab, "alice")
+    start_agent(lab, "bob")
+    return ping
+
+
 def test_join_whose_first_handshakes_are_lost_goes_direct_before_wireguards_retry(
     lab_factory: LabFactory,
 ) -> None:
@@ -139,12 +151,7 @@ def test_join_whose_first_handshakes_are_lost_goes_direct_before_wireguards_retr
     # after 5 s. Here the LAN loses them on purpose: the agents must restart the
     # handshake themselves (a pending peer is re-created) well before that retry.
     lab = lab_factory()
-    for host, sender in (("alice", "bob"), ("bob", "alice")):
-        _drop_wireguard_messages(lab, host, sender, HANDSHAKE_INITIATION)
-    ping = _ping(lab)
-    start_server(lab)
-    start_agent(lab, "alice")
-    start_agent(lab, "bob")
+    ping = _pair_up_while_the_lan_drops(lab, HANDSHAKE_INITIATION)
     first_drop: float | None = None
 
     def both_lost() -> bool:
@@ -174,12 +181,7 @@ def test_path_whose_handshake_works_but_not_its_data_is_left_within_a_second(
     # that proves the path, and no session that carries data. Here the LAN lets the
     # handshakes through and drops every data message between the two.
     lab = lab_factory()
-    for host, sender in (("alice", "bob"), ("bob", "alice")):
-        _drop_wireguard_messages(lab, host, sender, TRANSPORT_DATA)
-    ping = _ping(lab)
-    start_server(lab)
-    start_agent(lab, "alice")
-    start_agent(lab, "bob")
+    ping = _pair_up_while_the_lan_drops(lab, TRANSPORT_DATA)
     assert wait_for(lambda: direct_either_way(lab, "alice", "bob"), timeout=15), "never moved"
     assert wait_for(lambda: _neither_direct(lab), timeout=CONFIRM_WITHIN + 2)
     time.sleep(2.0)  # the other side may try once more (its handshake restart): watch it

@@ -21,7 +21,7 @@ as one prefix loses nothing: the longer /32 simply wins.)
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from wg_autopeer.agent.ledger import InterfaceLedger, LedgerPeer, LedgerStore
@@ -222,15 +222,19 @@ def keep_working_endpoints(
     return tuple(kept)
 
 
-def recreate_plan(ledger: InterfaceLedger, public_key: str, keepalive: int) -> Plan:
-    """Take a pending peer (ours, no routes) off the device and put it back as it was,
-    so that the device starts its handshake afresh; the ledger is unchanged (the grace
-    keeps running from the first add). Empty for a peer that is not ours and pending."""
-    entry = ledger.peers.get(public_key)
-    if entry is None or entry.allowed_ips or entry.endpoint is None:
-        return Plan((), ledger, ledger)
-    again = PeerConfig(public_key, (), entry.endpoint, keepalive)
-    return Plan((RemovePeer(public_key), SetPeer(again)), ledger, ledger)
+def recreate_plan(ledger: InterfaceLedger, public_keys: Iterable[str], keepalive: int) -> Plan:
+    """Take pending peers (ours, no routes) off the device and put them back as they
+    were, so that the device starts their handshakes afresh; the ledger is unchanged
+    (the grace keeps running from the first add). Keys of peers that are not ours and
+    pending are left out."""
+    operations: list[Operation] = []
+    for public_key in public_keys:
+        entry = ledger.peers.get(public_key)
+        if entry is None or entry.allowed_ips or entry.endpoint is None:
+            continue
+        again = PeerConfig(public_key, (), entry.endpoint, keepalive)
+        operations += (RemovePeer(public_key), SetPeer(again))
+    return Plan(tuple(operations), ledger, ledger)
 
 
 def removal_plan(device: DeviceState, ledger: InterfaceLedger, hub_key: str) -> Plan:

@@ -731,8 +731,8 @@ class InterfaceWorker:
                 )
             )
         self.status.direct_peers = peers
-        for key in recreate:
-            await self._recreate(key, ledger.peers[key].added_at)
+        if recreate:
+            await self._recreate({key: ledger.peers[key].added_at for key in recreate})
         self.recreated = {k: v for k, v in self.recreated.items() if k in ledger.peers}
         self.rx_watch.retain(ledger.peers.keys())
         self.traffic.retain(ledger.peers.keys())
@@ -773,15 +773,17 @@ class InterfaceWorker:
         waiting = [r for r in remaining if r > 0]
         return NextLook(within=min(waiting) if waiting else None)
 
-    async def _recreate(self, public_key: str, added_at: float) -> None:
-        """Re-create a pending peer once, so its device initiates a handshake at once
-        instead of after WireGuard's 5 s retry (see ``health.RECREATE_AFTER``)."""
-        self.recreated[public_key] = added_at
+    async def _recreate(self, added: dict[str, float]) -> None:
+        """Re-create pending peers (key -> when added) once, in one plan, so that the
+        device initiates their handshakes at once instead of after WireGuard's 5 s retry
+        (see ``health.RECREATE_AFTER``)."""
+        self.recreated.update(added)
         keepalive = self.agent.config.persistent_keepalive
-        log.info("%s: no handshake with %.10s… yet: re-adding it", self.interface, public_key)
+        for public_key in added:
+            log.info("%s: no handshake with %.10s… yet: re-adding it", self.interface, public_key)
 
         def make_plan(device: DeviceState, ledger: InterfaceLedger) -> Plan:
-            return recreate_plan(ledger, public_key, keepalive)
+            return recreate_plan(ledger, added, keepalive)
 
         await self._apply(make_plan)
 
