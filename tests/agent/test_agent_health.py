@@ -8,7 +8,6 @@ from agent_keys import key
 from wg_autopeer.agent.backoff import Backoff
 from wg_autopeer.agent.health import (
     ACTIVE,
-    ADD_STAGGER,
     PASSIVE,
     PENDING,
     Health,
@@ -16,7 +15,7 @@ from wg_autopeer.agent.health import (
     RxWatch,
     Suppressions,
     TrafficWatch,
-    add_delay,
+    adds_later,
     carries_data,
     judge,
     recreate_due,
@@ -259,12 +258,10 @@ def test_a_pending_peer_is_recreated_after_a_second_the_greater_key_half_a_secon
     assert recreate_due(large, small, 1.5)
 
 
-def test_only_the_greater_key_of_a_pair_waits_before_adding_new_peers() -> None:
-    low, middle, high = sorted((key(1), key(5), key(9)))
-    assert add_delay(high, [low]) == ADD_STAGGER
-    assert add_delay(low, [high]) == 0.0
-    assert add_delay(middle, [high, low]) == ADD_STAGGER  # greater than one of them
-    assert add_delay(high, []) == 0.0
+def test_only_the_greater_key_of_a_pair_adds_a_new_peer_later() -> None:
+    low, high = sorted((key(1), key(9)))
+    assert adds_later(high, low)
+    assert not adds_later(low, high)
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from wg_autopeer.agent.config import AgentConfig
 from wg_autopeer.agent.daemon import Agent
 from wg_autopeer.agent.health import (
     ACTIVE_TICK,
+    ADD_STAGGER,
     CONFIRM_WITHIN,
     DEADLINE_SLACK,
     HEARTBEAT_INTERVAL,
@@ -178,6 +179,23 @@ async def test_pending_peer_is_recreated_once_per_addition(
         assert await bob(device) is None
         assert await worker.check_paths() == NextLook()
         time_.advance(1.0)
+
+
+async def test_the_greater_key_puts_a_new_peer_on_its_device_a_moment_after_the_other(
+    worker: InterfaceWorker, device: FakeWireGuard, time_: FakeTime
+) -> None:
+    lesser = key(0)
+    assert lesser < OWN < BOB
+    await offered(worker, DirectPeer(lesser, BOB_LAN, (BOB_ROUTE,)), BOB_OFFER)
+    on_device = await device.get_device(WG)
+    # Our key is the lesser of the pair with bob: he goes on at once.
+    assert on_device.peer(BOB) is not None
+    assert on_device.peer(lesser) is None
+    look = await worker.check_paths()
+    assert look.within == pytest.approx(ADD_STAGGER)
+    time_.advance(ADD_STAGGER)
+    await worker.check_paths()
+    assert (await device.get_device(WG)).peer(lesser) is not None
 
 
 async def test_silent_active_path_goes_back_to_the_hub_after_the_keepalive(

@@ -125,10 +125,10 @@ class NextLook:
         return min(candidates, default=None)
 
 
-def add_delay(own_key: str, new_peer_keys: Iterable[str]) -> float:
-    """How long to wait before putting new peers (that we will initiate to) on the
-    device: ``ADD_STAGGER`` when our key is the greater of any pair, else 0."""
-    return ADD_STAGGER if any(own_key > key for key in new_peer_keys) else 0.0
+def adds_later(own_key: str, peer_key: str) -> bool:
+    """Whether this side puts a new peer on its device ``ADD_STAGGER`` after the other
+    side does (it has the greater key of the pair)."""
+    return own_key > peer_key
 
 
 def carries_data(received: int) -> bool:

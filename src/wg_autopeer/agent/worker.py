@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import socket
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from ipaddress import ip_address
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -24,6 +24,7 @@ from wg_autopeer.agent.backoff import Backoff
 from wg_autopeer.agent.client import PeeringClient
 from wg_autopeer.agent.health import (
     ACTIVE_TICK,
+    ADD_STAGGER,
     CONFIRM_WITHIN,
     DEADLINE_SLACK,
     HEARTBEAT_INTERVAL,
@@ -34,7 +35,7 @@ from wg_autopeer.agent.health import (
     RxWatch,
     Suppressions,
     TrafficWatch,
-    add_delay,
+    adds_later,
     carries_data,
     judge,
     recreate_due,
@@ -131,8 +132,9 @@ class InterfaceWorker:
         self.suppressions = Suppressions(clock=clock.monotonic)
         # Keys whose direct path is proven: only they get the neighbour's routes.
         self.proven: set[str] = set()
-        # This device's public key, as last read (add_delay needs it).
-        self._own_key: str | None = None
+        # New peers held back a moment before they go on the device (see
+        # health.ADD_STAGGER): key -> monotonic time from which they may.
+        self._held_back: dict[str, float] = {}
         # Proven, routed a moment ago, and no data received from the neighbour since:
         # it must arrive within CONFIRM_WITHIN (see health.py). Key -> the received
         # bytes count at the last look, and when the routes moved (monotonic).
@@ -295,7 +297,6 @@ class InterfaceWorker:
         if device.public_key is None:
             self._set_outcome("the interface has no key")
             return agent.config.interval
-        self._own_key = device.public_key
         tunnel = self._tunnel(device)
         if tunnel is None:
             return agent.config.interval
@@ -435,26 +436,14 @@ class InterfaceWorker:
     async def reconcile(self, hub_key: str) -> None:
         """Make the device hold exactly the accepted, unsuppressed direct peers, with
         the neighbour's routes on the proven ones only."""
-        if self._own_key is not None:
-            ledger = self._ledger()
-            new = [
-                p.public_key
-                for p in self.accepted
-                if p.endpoint is not None
-                and p.public_key not in ledger
-                and not self.suppressions.is_suppressed(p.public_key)
-            ]
-            delay = add_delay(self._own_key, new)
-            if delay:
-                # Before the plan is made, and not under the apply lock.
-                await asyncio.sleep(delay)
         desired = [p for p in self.accepted if not self.suppressions.is_suppressed(p.public_key)]
         lans = tuple(u.address.network for u in self.agent.snapshot.lan_uplinks())
         config = self.agent.config
 
         def make_plan(device: DeviceState, ledger: InterfaceLedger) -> Plan:
+            held = self._hold_back(desired, device.public_key, ledger)
             wanted = keep_working_endpoints(
-                desired,
+                [p for p in desired if p.public_key not in held],
                 device,
                 ledger,
                 lans,
@@ -503,6 +492,30 @@ class InterfaceWorker:
             self.proven.intersection_update(p.public_key for p in the_plan.ledger if p.allowed_ips)
             self._status_after(the_plan.ledger)
             self.paths_changed.set()
+
+    def _hold_back(
+        self, desired: Sequence[DirectPeer], own_key: str | None, ledger: InterfaceLedger
+    ) -> set[str]:
+        """The new peers of ``desired`` (ones we would initiate to) that must wait a
+        moment longer before they go on the device, because our key is the greater of
+        the pair (see health.ADD_STAGGER). The path watch adds them when that is over."""
+        now = self.agent.clock.monotonic()
+        new = {p.public_key for p in desired if p.endpoint and p.public_key not in ledger}
+        held = {key: until for key, until in self._held_back.items() if key in new}
+        fresh = [key for key in new if key not in held]
+        for key in fresh:
+            if own_key is not None and adds_later(own_key, key):
+                held[key] = now + ADD_STAGGER
+        self._held_back = held
+        waiting = {key for key, until in held.items() if until > now}
+        if waiting and fresh:
+            self.paths_changed.set()  # so that the watch looks again when they may go on
+        return waiting
+
+    def _still_held_back(self) -> dict[str, float]:
+        """Held-back peers still waiting: key -> seconds until they may go on."""
+        now = self.agent.clock.monotonic()
+        return {key: until - now for key, until in self._held_back.items() if until > now}
 
     def forget_etag(self) -> None:
         """Make the next report a plain one that gets a fresh answer at once."""
@@ -738,8 +751,12 @@ class InterfaceWorker:
         self.traffic.retain(ledger.peers.keys())
         # A peer whose suppression ran out comes back here: the server's answer has not
         # changed, so no new answer would bring it back.
+        # So does one held back a moment (see _hold_back) once that moment is over.
+        held = self._still_held_back()
         returning = any(
-            p.public_key not in ledger and not self.suppressions.is_suppressed(p.public_key)
+            p.public_key not in ledger
+            and not self.suppressions.is_suppressed(p.public_key)
+            and p.public_key not in held
             for p in self.accepted
         )
         self.unconfirmed = {k: v for k, v in self.unconfirmed.items() if k in self.proven}
@@ -750,6 +767,25 @@ class InterfaceWorker:
             # waiting for the next heartbeat on the grid; more follow in quick succession.
             self._send_heartbeats()
             self._fast_heartbeats_until = asyncio.get_running_loop().time() + CONFIRM_WITHIN
+        look = self._next_look(ledger, states, changed=changed, busy=busy, now=now)
+        held = self._still_held_back()
+        if held:
+            # Also when the first held-back peer may go on the device.
+            soonest = min(held.values())
+            within = soonest if look.within is None else min(look.within, soonest)
+            look = NextLook(look.tick, within)
+        return look
+
+    def _next_look(
+        self,
+        ledger: InterfaceLedger,
+        states: list[PathState],
+        *,
+        changed: bool,
+        busy: bool,
+        now: float,
+    ) -> NextLook:
+        """When the path watch must look again, given this look's verdicts."""
         if changed or PathState.PENDING in states:
             return NextLook(PENDING_TICK)
         if self.unconfirmed:
