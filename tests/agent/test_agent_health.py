@@ -8,6 +8,7 @@ from agent_keys import key
 from wg_autopeer.agent.backoff import Backoff
 from wg_autopeer.agent.health import (
     ACTIVE,
+    CONFIRM_WITHIN,
     PASSIVE,
     PENDING,
     Health,
@@ -282,3 +283,25 @@ def test_only_growth_that_handshakes_cannot_make_up_counts_as_data(
     received: int, data: bool
 ) -> None:
     assert carries_data(received) is data
+
+
+def test_a_path_moved_onto_fails_when_no_data_follows_within_the_confirmation_window() -> None:
+    now = ADDED + 2
+
+    def verdict(unconfirmed_for: float | None) -> Health:
+        # Handshake bytes arrived a moment ago (no silence): only the window decides.
+        return judge(
+            peer(now - 1, rx=240),
+            routed=True,
+            passive=False,
+            added_at=ADDED,
+            now=now,
+            rx_idle=0.0,
+            unconfirmed_for=unconfirmed_for,
+        )
+
+    assert verdict(CONFIRM_WITHIN - 0.1) == ACTIVE
+    assert verdict(None) == ACTIVE  # data came
+    failed = verdict(CONFIRM_WITHIN + 0.1)
+    assert failed.failed
+    assert failed.reason == "nothing received in its first 1 s"

@@ -189,15 +189,15 @@ def judge(
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
     dead_after: float = 3.0,
     stale_after: float = STALE_AFTER,
-    confirming: bool = False,
+    unconfirmed_for: float | None = None,
 ) -> Health:
     """Judge one direct path as of ``now`` (epoch seconds).
 
     ``routed``: the neighbour's routes are on the peer now. ``passive``: the peer
     has no endpoint of ours to try. ``added_at``: when the agent put it on the
-    device. ``rx_idle``: seconds since its received bytes last grew. ``confirming``:
-    routed a moment ago and nothing received since (``dead_after`` is then
-    ``CONFIRM_WITHIN``).
+    device. ``rx_idle``: seconds since its received bytes last grew.
+    ``unconfirmed_for``: seconds since its routes moved, while no data has been
+    received since (None once some has: see ``CONFIRM_WITHIN``).
     ``peer`` is None when the peer is no longer on the device: a failure, since
     the agent put it there and something else took it away.
     """
@@ -221,9 +221,9 @@ def judge(
         return Health(PathState.FAILED, "no handshake")
     if not fresh:
         return Health(PathState.FAILED, f"handshake stale for {int(now - handshake)} s")
+    if not passive and unconfirmed_for is not None and unconfirmed_for > CONFIRM_WITHIN:
+        return Health(PathState.FAILED, f"nothing received in its first {CONFIRM_WITHIN:g} s")
     if not passive and rx_idle > dead_after:
-        if confirming:
-            return Health(PathState.FAILED, f"nothing received in its first {dead_after:g} s")
         return Health(PathState.FAILED, f"nothing received for {rx_idle:.1f} s")
     return ACTIVE
 

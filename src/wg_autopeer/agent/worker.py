@@ -675,29 +675,25 @@ class InterfaceWorker:
             routed = bool(entry.allowed_ips) and entry.public_key in self.proven
             changed = changed or (bool(entry.allowed_ips) and not routed)
             rx_bytes = state.rx_bytes if state else 0
-            rx_idle = self.rx_watch.observe(entry.public_key, rx_bytes)
-            confirming = routed and entry.public_key in self.unconfirmed
-            if confirming:
+            unconfirmed_for: float | None = None
+            if routed and entry.public_key in self.unconfirmed:
                 last_rx, routed_at = self.unconfirmed[entry.public_key]
                 if carries_data(rx_bytes - last_rx):
                     del self.unconfirmed[entry.public_key]
-                    confirming = False
                 else:
-                    # Judged by the time since the routes moved: handshake bytes that
-                    # arrived since say nothing of whether data gets through.
                     self.unconfirmed[entry.public_key] = (rx_bytes, routed_at)
-                    rx_idle = self.agent.clock.monotonic() - routed_at
+                    unconfirmed_for = self.agent.clock.monotonic() - routed_at
             verdict = judge(
                 state,
                 routed=routed,
                 passive=entry.endpoint is None,
                 added_at=max(entry.added_at, self._grace_from),
                 now=now,
-                rx_idle=rx_idle,
+                rx_idle=self.rx_watch.observe(entry.public_key, rx_bytes),
                 handshake_timeout=self._handshake_timeout(),
-                dead_after=CONFIRM_WITHIN if confirming else config.persistent_keepalive,
+                dead_after=config.persistent_keepalive,
                 stale_after=config.handshake_stale_after,
-                confirming=confirming,
+                unconfirmed_for=unconfirmed_for,
             )
             if verdict.failed:
                 changed = True
